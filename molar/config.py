@@ -1,0 +1,276 @@
+"""Typed view of ``params.yaml``: one class per section, one place for each fact.
+
+Every key a stage reads is declared here with its type, range and default. Unknown keys,
+wrong types and out-of-range values fail fast with the dotted key name, the line in
+params.yaml and what is allowed (``ParamsError``). What each key *means* is written as a
+comment beside it in params.yaml; this module only says what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names file, line, key and fix."""
+
+
+class Section(BaseModel):
+    # strict: "5" is not an int and 1.5 is not an int; extra=forbid: a typo is an error.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# ----------------------------------------------------------------------------- data
+class SyntheticData(Section):
+    n_users: int = Field(400, ge=10)
+    n_items: int = Field(240, ge=20)
+    min_length: int = Field(8, ge=3)
+    max_length: int = Field(30, ge=3)
+    transition_prob: float = Field(0.5, ge=0.0, le=1.0)
+    successors_per_item: int = Field(2, ge=1)
+    popularity_exponent: float = Field(1.5, ge=0.0)
+    taste_temperature: float = Field(1.0, gt=0.0)
+    image_size: int = Field(56, ge=28)
+
+
+class DataParams(Section):
+    source: Literal["synthetic", "movielens", "sasrec-txt", "recbole", "amazon", "pixelrec"] = "synthetic"
+    path: str = "data/raw"
+    on_bad_line: Literal["error", "skip"] = "error"
+    synthetic: SyntheticData = SyntheticData()
+
+
+# ---------------------------------------------------------------------------- split
+class SplitParams(Section):
+    min_user_length: int = Field(3, ge=3)
+    k_core: int = Field(0, ge=0)
+
+
+# ------------------------------------------------------------------------------ sft
+class SftParams(Section):
+    mix: list[Literal["IT", "SA", "UB"]] = ["IT", "SA", "UB"]
+    samples_per_task: int = Field(200, ge=1)
+    ub_history: int = Field(5, ge=1)
+
+
+# ----------------------------------------------------------------------------- mirm
+# Item prompt placeholders (molar/models/mirm.py fills them; [Cur_Item] is always appended last).
+PROMPT_FIELDS = ("title", "description", "attributes", "image")
+PROMPT_SOURCES = ("default", "synthetic", "movielens", "sasrec-txt", "recbole", "amazon", "pixelrec")
+DEFAULT_PROMPTS = {
+    "default": "{image}\nTitle: {title}\nDescription: {description}\nAttributes: {attributes}\n",
+    "movielens": "{image}\nMovie: {title}\nAttributes: {attributes}\n",
+}
+
+
+class MirmParams(Section):
+    backbone: str = "tiny-qwen2-vl"
+    modalities: list[Literal["text", "image"]] = ["text", "image"]
+    finetune: Literal["full", "lora", "none"] = "full"
+    prompts: dict[str, str] = DEFAULT_PROMPTS
+    image_min_pixels: int = Field(28 * 28, ge=28 * 28)
+    image_max_pixels: int = Field(56 * 56, ge=28 * 28)
+    max_text_tokens: int = Field(96, ge=8)
+    sft_max_tokens: int = Field(384, ge=32)
+    lr: float = Field(1e-4, gt=0.0)
+    warmup_start_factor: float = Field(0.01, gt=0.0, le=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    checkpoint_every: int = Field(200, ge=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    embed_batch_size: int = Field(32, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @field_validator("modalities")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one of text, image")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a modality twice")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _known_prompts(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        if "default" not in v:
+            raise ValueError("needs a 'default' template (used for sources without their own)")
+        for source, template in v.items():
+            if source not in PROMPT_SOURCES:
+                raise ValueError(f"{source!r} is not a data source; allowed keys: {', '.join(PROMPT_SOURCES)}")
+            unknown = set(re.findall(r"\{(\w*)\}", template)) - set(PROMPT_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"template {source!r} uses {{{', '.join(sorted(unknown))}}}; allowed placeholders: "
+                    + ", ".join("{" + f + "}" for f in PROMPT_FIELDS)
+                )
+            if "[Cur_Item]" in template:
+                raise ValueError(f"template {source!r} contains [Cur_Item]; it is appended automatically, remove it")
+        return v
+
+
+# --------------------------------------------------------------------------- sasrec
+class SasrecParams(Section):
+    hidden_size: int = Field(64, ge=1)
+    num_blocks: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    max_length: int = Field(50, ge=2)
+    loss: Literal["ce", "bce", "sampled_ce"] = "ce"
+    num_negatives: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1)
+    grad_clip: float = Field(1.0, ge=0.0)
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+
+
+# ---------------------------------------------------------------------------- align
+class AlignParams(Section):
+    alpha: float = Field(0.1, ge=0.0)
+    tau: float = Field(0.1, gt=0.0)
+    id_model: Literal["sasrec"] = "sasrec"
+    project: bool = True
+    train_id_model: bool = False
+    positions: Literal["last", "all"] = "last"
+
+
+class DuegParams(Section):
+    init: Literal["base", "mirm"] = "base"
+    item_adapter: Literal["auto", "linear"] = "linear"
+
+
+# ---------------------------------------------------------------------------- train
+class TrainParams(Section):
+    """The joint DUEG + alignment stage (train-molar)."""
+
+    loss: Literal["bce", "sampled_ce"] = "bce"
+    num_negatives: int = Field(1, ge=1)
+    all_positions: bool = True
+    mirm_trainable: bool = False
+    gradient_checkpointing: bool = False
+    max_length: int = Field(20, ge=2)
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(3, ge=1)
+    patience: int = Field(2, ge=1)
+    grad_clip: float = Field(1.0, ge=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    collapse_std: float = Field(1e-4, ge=0.0)
+    similarity: Literal["cosine", "dot"] = "cosine"
+    logit_scale: float = Field(10.0, gt=0.0)
+    checkpoint_every: int = Field(200, ge=1)
+
+
+# ----------------------------------------------------------------------------- eval
+class EvalParams(Section):
+    ks: list[int] = [10, 20, 50]
+    mask_history: bool = True
+    user_chunk_size: int = Field(1024, ge=1)
+    models: list[Literal["popularity", "sasrec", "molar"]] = ["popularity"]
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("needs a non-empty list of positive integers, e.g. [10, 20, 50]")
+        return sorted(set(v))
+
+
+class Params(Section):
+    seed: int = 42
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    sft: SftParams = SftParams()
+    mirm: MirmParams = MirmParams()
+    sasrec: SasrecParams = SasrecParams()
+    align: AlignParams = AlignParams()
+    dueg: DuegParams = DuegParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+
+    def section_dict(self, name: str) -> dict:
+        """One section as plain data (for hashing the params a stage depends on)."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+def _line_of(text: str, dotted: list[str | int]) -> int | None:
+    """1-based line of a dotted key in YAML text (the deepest part that exists)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in dotted:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(part)), None)
+            key = next((k for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                return line
+            line, node = key.start_mark.line + 1, match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def parse_params(text: str, source: str = "params.yaml") -> Params:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of sections (seed, data, split, ...)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+            dotted = ".".join(str(p) for p in loc)
+            line = _line_of(text, loc)
+            where = f"{source}:{line}" if line else source
+            if e["type"] == "extra_forbidden":
+                parent = Params
+                for p in loc[:-1]:
+                    field = parent.model_fields.get(str(p)) if isinstance(parent, type) else None
+                    parent = field.annotation if field else None
+                allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+                msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+            else:
+                msg = e["msg"]
+            got = e.get("input")
+            got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {dotted}: {msg}{got_s}")
+        raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: no such params file (run from the repository root or pass --params PATH)")
+    return parse_params(path.read_text(), str(path))

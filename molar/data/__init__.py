@@ -1,0 +1,1 @@
+"""Raw-format readers, schema checks, the leave-one-out split and batching."""

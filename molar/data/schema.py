@@ -1,0 +1,244 @@
+"""The interim tables every reader produces (DESIGN.md section 3) and the ingest report.
+
+items:        item_id (str), title (str), description (str), attributes (str: a JSON object),
+              image_path (str, nullable)
+interactions: user_id (str), item_id (str), timestamp (int64, nullable), order (int64: position of
+              the row in the source, within the user; breaks timestamp ties in source order)
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+ITEMS_SCHEMA = {
+    "item_id": pl.String,
+    "title": pl.String,
+    "description": pl.String,
+    "attributes": pl.String,
+    "image_path": pl.String,
+}
+INTERACTIONS_SCHEMA = {
+    "user_id": pl.String,
+    "item_id": pl.String,
+    "timestamp": pl.Int64,
+    "order": pl.Int64,
+}
+
+
+class BadInputError(ValueError):
+    """Input that does not match its format; the message names file, line and what was expected."""
+
+
+@dataclass
+class IngestReport:
+    """What ingest read, kept and dropped (written to metrics/ingest.json)."""
+
+    source: str
+    rows_read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    items_with_image: int = 0
+    items_without_image: int = 0
+    bad_images: int = 0
+
+    def bad_line(self, on_bad_line: str, file: Path | str, line_no: int, expected: str, line: str = "") -> None:
+        """Raise a clear error, or (on_bad_line: skip) count the line as dropped."""
+        if on_bad_line == "skip":
+            self.dropped["bad_line"] += 1
+            return
+        shown = line.strip()[:120]
+        raise BadInputError(
+            f"{file}:{line_no}: expected {expected}; got {shown!r}. "
+            "Fix the line, or set data.on_bad_line: skip in params.yaml to drop such lines."
+        )
+
+    def as_dict(self, n_items: int, n_interactions: int) -> dict:
+        return {
+            "source": self.source,
+            "rows_read": self.rows_read,
+            "rows_kept": n_interactions,
+            "rows_dropped": dict(sorted(self.dropped.items())),
+            "items": n_items,
+            "items_with_image": self.items_with_image,
+            "items_without_image": self.items_without_image,
+            "bad_images": self.bad_images,
+        }
+
+
+def check_image(path: Path, report: IngestReport) -> str | None:
+    """Return the path as a string if it holds a decodable image, else None (counted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        report.items_without_image += 1
+        return None
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        report.bad_images += 1
+        report.items_without_image += 1
+        return None
+    report.items_with_image += 1
+    return str(path)
+
+
+def attributes_json(attrs: dict) -> str:
+    return json.dumps({k: v for k, v in attrs.items() if v not in (None, "", [])}, ensure_ascii=False, sort_keys=True)
+
+
+def make_items(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=ITEMS_SCHEMA, orient="row") if rows else pl.DataFrame(schema=ITEMS_SCHEMA)
+
+
+def make_interactions(rows: list[tuple]) -> pl.DataFrame:
+    """rows: (user_id, item_id, timestamp or None); order is assigned per user in row order."""
+    df = pl.DataFrame(rows, schema={k: INTERACTIONS_SCHEMA[k] for k in ("user_id", "item_id", "timestamp")}, orient="row")
+    return df.with_columns(pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("order"))
+
+
+def validate(items: pl.DataFrame, interactions: pl.DataFrame, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cast to the interim schema and check the invariants later stages rely on."""
+    items = items.select([pl.col(c).cast(t) for c, t in ITEMS_SCHEMA.items()])
+    interactions = interactions.select([pl.col(c).cast(t) for c, t in INTERACTIONS_SCHEMA.items()])
+    if interactions.height == 0:
+        raise BadInputError(f"{source}: no interactions were read; check data.path and the file format")
+    if items.height == 0:
+        raise BadInputError(f"{source}: no items were read; check data.path and the file format")
+    dup = items.filter(pl.col("item_id").is_duplicated())
+    if dup.height:
+        raise BadInputError(f"{source}: item ids are not unique, e.g. {dup['item_id'][0]!r}")
+    return items, interactions
+
+
+# ------------------------------------------------------------ helpers shared by the raw-format readers
+from collections.abc import Callable  # noqa: E402  (kept beside the helpers that use it)
+
+INT_PATTERN = r"^[+-]?\d+$"
+
+
+def require_file(path: Path, what: str) -> Path:
+    """Return ``path`` if it is a file, else raise naming the path and what it should hold."""
+    if not path.is_file():
+        raise BadInputError(f"{path}: file not found; expected {what}. Check data.path and data.source.")
+    return path
+
+
+def read_lines(
+    path: Path, report: IngestReport, on_bad_line: str, encoding: str = "utf-8", interaction_rows: bool = False
+) -> pl.DataFrame:
+    """The non-blank lines of a text file (``.gz`` read transparently) as (line_no: 1-based, line).
+
+    The whole file is decoded at once (fast); only if that fails is it decoded line by line, so an
+    undecodable line is reported with its number (or skipped and counted). Line ends (``\\n``,
+    ``\\r\\n``) and a UTF-8 byte-order mark are removed; blank lines are not data and are dropped.
+    With ``interaction_rows`` every non-blank line (undecodable ones too) counts in ``report.rows_read``.
+    """
+    import gzip
+
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    try:
+        lines = data.decode(encoding).split("\n")
+    except UnicodeDecodeError:
+        lines = []
+        for line_no, raw in enumerate(data.split(b"\n"), start=1):
+            try:
+                lines.append(raw.decode(encoding))
+            except UnicodeDecodeError:
+                report.rows_read += int(interaction_rows)
+                report.bad_line(on_bad_line, path, line_no, f"{encoding} text", raw.decode(encoding, errors="replace"))
+                lines.append("")  # keeps the numbering; dropped below as blank
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")
+    frame = pl.DataFrame({"line": lines}, schema={"line": pl.String}).with_row_index("line_no", offset=1)
+    frame = frame.with_columns(pl.col("line_no").cast(pl.Int64), pl.col("line").str.strip_suffix("\r"))
+    frame = frame.filter(pl.col("line").str.strip_chars() != "")
+    if interaction_rows:
+        report.rows_read += frame.height
+    return frame
+
+
+def split_fields(lines: pl.DataFrame, sep: str | None, n_fields: int) -> pl.DataFrame:
+    """Add string columns f0..f{n_fields-1}: each line split on ``sep`` (None: runs of whitespace).
+
+    A line with another number of fields gets nulls there and ``fields_ok`` false.
+    """
+    parts = pl.col("line").str.extract_all(r"\S+") if sep is None else pl.col("line").str.split(sep)
+    frame = lines.with_columns(parts.alias("_parts"))
+    fields_ok = pl.col("_parts").list.len() == n_fields
+    columns = [
+        pl.when(fields_ok).then(pl.col("_parts").list.get(i, null_on_oob=True)).alias(f"f{i}") for i in range(n_fields)
+    ]
+    return frame.with_columns(*columns, fields_ok.alias("fields_ok")).drop("_parts")
+
+
+def drop_bad_lines(
+    frame: pl.DataFrame, ok: pl.Expr, path: Path, expected: str, report: IngestReport, on_bad_line: str
+) -> pl.DataFrame:
+    """Keep the rows where ``ok`` holds; every other row goes through ``report.bad_line`` in line order
+    (raising on the first unless data.on_bad_line is skip). ``frame`` needs line_no and line columns."""
+    frame = frame.with_columns(ok.fill_null(False).alias("_ok"))
+    for line_no, line in frame.filter(~pl.col("_ok")).select("line_no", "line").iter_rows():
+        report.bad_line(on_bad_line, path, line_no, expected, line)
+    return frame.filter(pl.col("_ok")).drop("_ok")
+
+
+def order_interactions(frame: pl.DataFrame) -> pl.DataFrame:
+    """Interim interactions from (user_id, item_id, timestamp) rows in source order.
+
+    Each user's rows are sorted by timestamp with a stable sort, so ties and missing timestamps keep
+    the source order; users stay in order of first appearance; ``order`` is the position within the user.
+    """
+    frame = frame.select(
+        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String), pl.col("timestamp").cast(pl.Int64)
+    ).with_row_index("_row")
+    frame = frame.with_columns(pl.col("_row").min().over("user_id").alias("_first"))
+    frame = frame.sort(["_first", "timestamp"], nulls_last=True, maintain_order=True)
+    frame = frame.with_columns(pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("order"))
+    return frame.select(list(INTERACTIONS_SCHEMA))
+
+
+def placeholder_item(item_id: str) -> dict:
+    """Content for an item the source describes nowhere: a title naming its id, nothing else."""
+    return {"title": f"item {item_id}", "description": "", "attributes": {}}
+
+
+def catalog_items(
+    interactions: pl.DataFrame,
+    content: dict[str, dict] | None,
+    image_of: Callable[[str], Path],
+    report: IngestReport,
+) -> pl.DataFrame:
+    """The item table for the items that occur in ``interactions``.
+
+    ``content`` maps item_id -> {"title", "description", "attributes": dict} in the order of the
+    source's item file; items are listed in that order and items missing from it are left out
+    (ingest drops their interactions as ``unknown_item``). With ``content`` None (a source with no
+    item file) every item gets a placeholder: title "item <id>", empty description, no attributes,
+    listed in order of first appearance. ``image_of(item_id)`` names the item's image file; it is
+    checked with ``check_image`` (missing or undecodable: image null, counted).
+    """
+    used = interactions["item_id"].unique(maintain_order=True).to_list()
+    if content is None:
+        content = {item_id: placeholder_item(item_id) for item_id in used}
+    used_set = set(used)
+    rows = []
+    for item_id, item in content.items():
+        if item_id not in used_set:
+            continue
+        rows.append(
+            {
+                "item_id": item_id,
+                "title": item["title"],
+                "description": item["description"],
+                "attributes": attributes_json(item["attributes"]),
+                "image_path": check_image(image_of(item_id), report),
+            }
+        )
+    return make_items(rows)

@@ -1,0 +1,396 @@
+"""Full-catalog ranking metrics (NDCG@K, Recall@K), streamed over chunks of users.
+
+Conventions (the same for every entry point, so all of them give the same numbers):
+
+* Column ``j`` of a score matrix scores item id ``j``. Column 0 is the padding id: it is never
+  read, never ranked and never counts (a model may leave anything there, even NaN).
+* Leave-one-out: one target item per user. Its rank is counted, not sorted for: the number of
+  candidate items whose score is ``>=`` the target's score, the target itself not included.
+  Ranks are 0-based; NDCG@K = 1 / log2(rank + 2) and Recall@K = 1 when rank < K, else 0.
+* Ties are pessimistic: an item scoring exactly the target's score counts as ranked above it,
+  so a constant scorer gets the worst rank, never a lucky one.
+* Masking (``exclude``, usually the user's history) removes items from the candidates; a masked
+  item never counts, however high it scores, and repeats in a history mask once. The target is
+  never masked, even when it appears in its own history (re-consumption is a valid hit).
+* NaN scores are a model bug and raise :class:`NonFiniteScoreError`; +inf and -inf are ranked.
+
+How it stays fast and bounded: users go in chunks (``chunk_size``, the unit for ``score_fn``
+and for flattening masks); each chunk is ranked in row tiles sized to stay in the CPU cache,
+through one reused score buffer. Per tile: scores are written (matrix product or copy), the
+target scores gathered, padding and masked entries overwritten with NaN (which compares False,
+so they never count), the target score written back, and ``(tile >= target).sum(1)`` counted.
+Metrics accumulate as integer counts per rank below max(K), so every chunk size gives
+bit-identical results. Memory: one tile + the chunk's score rows (scorer path) + the chunk's
+mask indices, independent of the number of users.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+ScoreFn = Callable[[list[Sequence[int]]], Tensor]
+
+# Bytes of float scores per row tile: a few MiB keeps the tile and its comparison result in
+# the L2/L3 cache while the rank count reads it back (counting a tile that has already left
+# the cache costs several times more than the matrix product that made it).
+_TILE_BYTES = 4 << 20
+_MIN_TILE_ROWS = 8  # fewer rows per matrix product wastes the BLAS kernel
+
+
+class NonFiniteScoreError(ValueError):
+    """A model produced NaN scores; ranking them would silently give a wrong number."""
+
+
+# ------------------------------------------------------------------------------------ public
+
+
+def metrics_from_scores(
+    scores: Tensor,
+    targets: Tensor | Sequence[int],
+    exclude: Sequence[Sequence[int]] | None = None,
+    ks: Sequence[int] = (10, 20),
+) -> dict[str, float]:
+    """NDCG@K and Recall@K of one target per user, averaged over users.
+
+    Args:
+        scores: float tensor [users, items]; column j scores item id j, column 0 (padding) is
+            ignored. Not modified.
+        targets: long tensor [users] of item ids in 1..items-1.
+        exclude: per user, item ids to mask (usually the history), or None for no masking.
+        ks: cut-offs; the result has "ndcg@K" and "recall@K" for each, ks ascending.
+    """
+    histogram = _RankHistogram(ks)
+    histogram.add(target_ranks(scores, targets, exclude))
+    return histogram.metrics()
+
+
+def target_ranks(
+    scores: Tensor,
+    targets: Tensor | Sequence[int],
+    exclude: Sequence[Sequence[int]] | None = None,
+) -> Tensor:
+    """0-based rank of each user's target among the unmasked items (ties pessimistic).
+
+    Same arguments and conventions as :func:`metrics_from_scores`; returns a long tensor
+    [users]. Useful for per-user analyses (significance tests, breakdowns by history length).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [users, items], got shape {tuple(scores.shape)}")
+    n_users, n_cols = scores.shape
+    _check_floating(scores, "scores")
+    targets_t = _targets_tensor(targets, n_users, n_cols)
+    if exclude is not None and len(exclude) != n_users:
+        raise ValueError(f"exclude has {len(exclude)} lists for {n_users} users; give one per user")
+    masks = _flatten_exclude(exclude, n_cols, first_user=0) if exclude is not None else None
+    buffers = _TileBuffers(n_cols, _buffer_dtype(scores.dtype), scores.device, n_users)
+    with torch.no_grad():
+        write = lambda a, b, out: out.copy_(scores[a:b])  # noqa: E731 - the caller's tensor is only read
+        return _rank_chunk(write, targets_t.to(buffers.device), masks, buffers, 0)
+
+
+def evaluate_scorer(
+    score_fn: ScoreFn,
+    histories: Sequence[Sequence[int]],
+    targets: Tensor | Sequence[int],
+    n_items: int,
+    ks: Sequence[int] = (10, 20),
+    mask_history: bool = True,
+    chunk_size: int = 1024,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Full-catalog metrics of a model given as ``score_fn``, streamed over user chunks.
+
+    Args:
+        score_fn: called (under ``torch.no_grad()``) with a list of up to ``chunk_size``
+            histories; returns a float tensor [len(list), n_items + 1] (column 0 = padding,
+            ignored). The evaluator copies it and never writes to it, so a broadcast view
+            (``row.expand(B, -1)``) is fine.
+        histories: per user, the item ids the model may condition on; also the mask when
+            ``mask_history``.
+        targets: per user, the held-out item id (1..n_items).
+        n_items: catalog size; item ids are 1..n_items.
+        chunk_size: users per ``score_fn`` call; bounds memory, never changes the result.
+        progress: show a tqdm bar over users.
+    """
+    n_users = len(histories)
+    if n_users == 0:
+        raise ValueError("no users to evaluate: histories is empty")
+    _check_chunk_size(chunk_size)
+    n_cols = n_items + 1
+    targets_t = _targets_tensor(targets, n_users, n_cols)
+    histogram = _RankHistogram(ks)
+    buffers: _TileBuffers | None = None
+    with torch.no_grad(), tqdm(total=n_users, unit="user", desc="evaluate", disable=not progress) as bar:
+        for start in range(0, n_users, chunk_size):
+            stop = min(start + chunk_size, n_users)
+            chunk = list(histories[start:stop])
+            scores = score_fn(chunk)
+            _check_chunk_scores(scores, stop - start, n_cols, start)
+            if buffers is None:
+                buffers = _TileBuffers(n_cols, _buffer_dtype(scores.dtype), scores.device, chunk_size)
+            masks = _flatten_exclude(chunk, n_cols, first_user=start) if mask_history else None
+            ranks = _rank_chunk(
+                lambda a, b, out: out.copy_(scores[a:b]),
+                targets_t[start:stop].to(buffers.device),
+                masks,
+                buffers,
+                start,
+            )
+            histogram.add(ranks)
+            bar.update(stop - start)
+    return histogram.metrics()
+
+
+def evaluate_embeddings(
+    user_emb: Tensor,
+    item_emb: Tensor,
+    targets: Tensor | Sequence[int],
+    exclude: Sequence[Sequence[int]] | None = None,
+    ks: Sequence[int] = (10, 20),
+    chunk_size: int = 1024,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Full-catalog metrics of a dot-product model: score(u, i) = user_emb[u] . item_emb[i].
+
+    Args:
+        user_emb: [users, d] user (sequence) representations.
+        item_emb: [n_items + 1, d]; row 0 is the padding item and is ignored.
+        targets: per user, the held-out item id (1..n_items).
+        exclude: per user, item ids to mask (usually the history), or None.
+        chunk_size: users per block of mask indices / progress step; never changes the result.
+
+    The scores are computed tile by tile into one reused buffer and never exist for more than
+    a cache-sized block of users at once. Half-precision embeddings are scored in float32.
+    """
+    if user_emb.dim() != 2 or item_emb.dim() != 2 or user_emb.shape[1] != item_emb.shape[1]:
+        raise ValueError(
+            f"user_emb must be [users, d] and item_emb [n_items + 1, d] with the same d; got "
+            f"{tuple(user_emb.shape)} and {tuple(item_emb.shape)}"
+        )
+    _check_floating(user_emb, "user_emb")
+    _check_floating(item_emb, "item_emb")
+    _check_chunk_size(chunk_size)
+    n_users, n_cols = user_emb.shape[0], item_emb.shape[0]
+    if n_users == 0:
+        raise ValueError("no users to evaluate: user_emb has 0 rows")
+    if exclude is not None and len(exclude) != n_users:
+        raise ValueError(f"exclude has {len(exclude)} lists for {n_users} users; give one per user")
+    targets_t = _targets_tensor(targets, n_users, n_cols)
+    dtype = _buffer_dtype(torch.promote_types(user_emb.dtype, item_emb.dtype))
+    buffers = _TileBuffers(n_cols, dtype, item_emb.device, chunk_size)
+    histogram = _RankHistogram(ks)
+    with torch.no_grad(), tqdm(total=n_users, unit="user", desc="evaluate", disable=not progress) as bar:
+        item_t = item_emb.to(dtype).T  # a transposed view: the BLAS call reads it as is
+        for start in range(0, n_users, chunk_size):
+            stop = min(start + chunk_size, n_users)
+            users = user_emb[start:stop].to(device=buffers.device, dtype=dtype)
+            masks = _flatten_exclude(exclude[start:stop], n_cols, first_user=start) if exclude is not None else None
+            ranks = _rank_chunk(
+                lambda a, b, out: torch.mm(users[a:b], item_t, out=out),
+                targets_t[start:stop].to(buffers.device),
+                masks,
+                buffers,
+                start,
+            )
+            histogram.add(ranks)
+            bar.update(stop - start)
+    return histogram.metrics()
+
+
+def expected_random_metrics(
+    histories: Sequence[Sequence[int]],
+    targets: Sequence[int],
+    n_items: int,
+    ks: Sequence[int] = (10, 20),
+    mask_history: bool = True,
+) -> dict[str, float]:
+    """Exact expected metrics of a uniformly random ranking (continuous scores, no ties).
+
+    With C candidates (n_items minus the distinct masked items other than the target), the
+    target's rank is uniform on 0..C-1, so E[Recall@K] = min(K, C) / C and
+    E[NDCG@K] = sum_{r < min(K, C)} 1 / log2(r + 2) / C. The floor any real model must beat.
+    """
+    if len(histories) != len(targets) or not histories:
+        raise ValueError(f"need one target per history and at least one user; got {len(histories)} and {len(targets)}")
+    ks = _check_ks(ks)
+    discount_cumsum = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(max(ks)) + 2.0))])
+    candidates = np.empty(len(histories), dtype=np.float64)
+    for u, (history, target) in enumerate(zip(histories, targets)):
+        masked = {i for i in history if 1 <= i <= n_items} - {target} if mask_history else set()
+        candidates[u] = n_items - len(masked)
+    out: dict[str, float] = {}
+    for k in ks:
+        top = np.minimum(k, candidates).astype(np.int64)
+        out[f"ndcg@{k}"] = float(np.mean(discount_cumsum[top] / candidates))
+        out[f"recall@{k}"] = float(np.mean(top / candidates))
+    return out
+
+
+# ---------------------------------------------------------------------------------- internals
+
+
+class _RankHistogram:
+    """Counts of users per rank below max(K): integer sums, so chunking never changes them."""
+
+    def __init__(self, ks: Sequence[int]):
+        self.ks = _check_ks(ks)
+        self.max_k = max(self.ks)
+        self.counts = np.zeros(self.max_k, dtype=np.int64)
+        self.n_users = 0
+
+    def add(self, ranks: Tensor) -> None:
+        hits = ranks[ranks < self.max_k].cpu().numpy()
+        self.counts += np.bincount(hits, minlength=self.max_k)
+        self.n_users += ranks.numel()
+
+    def metrics(self) -> dict[str, float]:
+        discount = 1.0 / np.log2(np.arange(self.max_k) + 2.0)
+        out: dict[str, float] = {}
+        for k in self.ks:
+            out[f"ndcg@{k}"] = float((self.counts[:k] * discount[:k]).sum() / self.n_users)
+            out[f"recall@{k}"] = float(self.counts[:k].sum() / self.n_users)
+        return out
+
+
+class _TileBuffers:
+    """The reused score tile and comparison result (allocated once per evaluation)."""
+
+    def __init__(self, n_cols: int, dtype: torch.dtype, device: torch.device, max_rows: int):
+        if device.type == "cpu":
+            rows = max(_MIN_TILE_ROWS, _TILE_BYTES // (n_cols * torch.finfo(dtype).bits // 8))
+        else:  # accelerators have no small cache to stay in; one tile per chunk, fewer launches
+            rows = max_rows
+        self.rows = max(1, min(rows, max_rows))
+        self.n_cols = n_cols
+        self.device = device
+        self.scores = torch.empty(self.rows, n_cols, dtype=dtype, device=device)
+        self.at_least = torch.empty(self.rows, n_cols, dtype=torch.bool, device=device)
+
+
+class _ChunkMasks:
+    """A chunk's exclude lists as flat indices into its [rows, n_cols] score block."""
+
+    def __init__(self, flat_index: Tensor, row_start: np.ndarray):
+        self.flat_index = flat_index  # row * n_cols + item, in row order
+        self.row_start = row_start  # row_start[r]: first entry of row r; row_start[-1] = total
+
+    def tile(self, a: int, b: int, n_cols: int) -> Tensor:
+        """Entries of rows a..b-1, as flat indices into a tile whose first row is row a."""
+        return self.flat_index[int(self.row_start[a]) : int(self.row_start[b])] - a * n_cols
+
+
+def _flatten_exclude(exclude: Sequence[Sequence[int]], n_cols: int, first_user: int) -> _ChunkMasks:
+    # One vectorised pass per chunk: no per-user tensor building.
+    lengths = np.fromiter(map(len, exclude), dtype=np.int64, count=len(exclude))
+    total = int(lengths.sum())
+    items = np.fromiter(chain.from_iterable(exclude), dtype=np.int64, count=total)
+    if total and (items.min() < 0 or items.max() >= n_cols):
+        bad = int(np.flatnonzero((items < 0) | (items >= n_cols))[0])
+        user = int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
+        raise ValueError(
+            f"history/exclude list of user #{first_user + user} holds item id {int(items[bad])}, "
+            f"outside 0..{n_cols - 1} (0 = padding, 1..{n_cols - 1} = items); check the id mapping"
+        )
+    row_start = np.zeros(len(exclude) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=row_start[1:])
+    items += np.repeat(np.arange(len(exclude), dtype=np.int64) * n_cols, lengths)
+    return _ChunkMasks(torch.from_numpy(items), row_start)
+
+
+def _rank_chunk(
+    write_scores: Callable[[int, int, Tensor], object],
+    targets: Tensor,
+    masks: _ChunkMasks | None,
+    buffers: _TileBuffers,
+    first_user: int,
+) -> Tensor:
+    """Pessimistic 0-based target ranks for one chunk; ``write_scores(a, b, out)`` fills rows a..b-1."""
+    n_rows, n_cols = targets.shape[0], buffers.n_cols
+    ranks = torch.empty(n_rows, dtype=torch.long, device=buffers.device)
+    flat_masks = masks.flat_index.to(buffers.device) if masks is not None else None
+    if flat_masks is not None:
+        masks = _ChunkMasks(flat_masks, masks.row_start)
+    for a in range(0, n_rows, buffers.rows):
+        b = min(a + buffers.rows, n_rows)
+        tile = buffers.scores[: b - a]
+        write_scores(a, b, tile)
+        tile[:, 0] = 0.0  # padding column: never read, so whatever the model put there is harmless
+        if torch.isnan(tile.sum()):  # cheap screen; inf - inf can trip it, so confirm exactly
+            _raise_if_nan(tile, first_user + a)
+        target_col = targets[a:b, None]
+        target_score = tile.gather(1, target_col)
+        tile[:, 0] = float("nan")  # NaN >= x is False: padding and masked items never count
+        if masks is not None:
+            tile.view(-1).index_fill_(0, masks.tile(a, b, n_cols), float("nan"))
+        tile.scatter_(1, target_col, target_score)  # the target is never masked
+        at_least = torch.ge(tile, target_score, out=buffers.at_least[: b - a])
+        torch.sub(at_least.sum(1), 1, out=ranks[a:b])  # minus the target itself
+    return ranks
+
+
+def _raise_if_nan(tile: Tensor, first_user: int) -> None:
+    nan = torch.isnan(tile)
+    if not bool(nan.any()):
+        return
+    row, col = (int(v) for v in nan.nonzero()[0])
+    raise NonFiniteScoreError(
+        f"score of user #{first_user + row} for item id {col} is NaN ({int(nan.sum())} NaN scores "
+        f"in this block of users). NaN scores are a model bug (an overflow, 0/0 in a normalisation, "
+        f"a diverged or collapsed embedding); ranking them would give a silently wrong metric."
+    )
+
+
+def _targets_tensor(targets: Tensor | Sequence[int], n_users: int, n_cols: int) -> Tensor:
+    targets_t = torch.as_tensor(targets)
+    if targets_t.dim() != 1 or targets_t.shape[0] != n_users:
+        raise ValueError(f"targets must be one item id per user ({n_users}), got shape {tuple(targets_t.shape)}")
+    if targets_t.dtype.is_floating_point or targets_t.dtype == torch.bool:
+        raise ValueError(f"targets must be integer item ids, got dtype {targets_t.dtype}")
+    targets_t = targets_t.long().cpu()
+    bad = (targets_t < 1) | (targets_t >= n_cols)
+    if bool(bad.any()):
+        user = int(bad.nonzero()[0])
+        raise ValueError(
+            f"target of user #{user} is item id {int(targets_t[user])}, outside 1..{n_cols - 1} "
+            f"(0 is the padding id and can never be a target)"
+        )
+    return targets_t
+
+
+def _check_chunk_scores(scores: object, n_rows: int, n_cols: int, first_user: int) -> None:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"score_fn must return a torch.Tensor, got {type(scores).__name__}")
+    if tuple(scores.shape) != (n_rows, n_cols):
+        raise ValueError(
+            f"score_fn returned shape {tuple(scores.shape)} for users #{first_user}..#{first_user + n_rows - 1}; "
+            f"expected [{n_rows}, n_items + 1 = {n_cols}] (column 0 = padding)"
+        )
+    _check_floating(scores, "score_fn output")
+
+
+def _check_floating(t: Tensor, name: str) -> None:
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 stays exact; half precisions are ranked in float32 (exact upcast, fast kernels).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    ks = list(ks)
+    if not ks or any(not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty list of positive integers, e.g. [10, 20], got {ks}")
+    return sorted({int(k) for k in ks})
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of users, got {chunk_size}")

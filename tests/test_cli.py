@@ -1,0 +1,30 @@
+from typer.testing import CliRunner
+
+from stages import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for stage in ("ingest", "split", "evaluate"):
+        assert stage in result.output
+
+
+def test_bad_params_exit_cleanly_with_the_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data:\n  source: synthetic\n  synthetic:\n    n_users: many\n")
+    result = runner.invoke(app, ["ingest", "--params", str(bad)])
+    assert result.exit_code == 2
+    assert "data.synthetic.n_users" in result.output and f"{bad}:4" in result.output
+
+
+def test_reader_path_errors_name_the_param(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "params.yaml"
+    p.write_text(f"data:\n  source: movielens\n  path: {tmp_path / 'missing'}\n")
+    result = runner.invoke(app, ["ingest", "--params", str(p)])
+    assert result.exit_code == 2
+    assert "data.path" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "data" / "interim").exists()  # nothing half-written

@@ -1,0 +1,94 @@
+"""End-to-end: the real `dvc repro` on the embedded default, in a copy of the repository."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from molar.config import load_params
+from molar.data.split import load_split
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _copy_repo(dst: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def uniform_random_expectation(histories, targets, n_items, k, mask_history=True):
+    """Expected NDCG@k and Recall@k when the target's rank is uniform over the candidates."""
+    ndcg = recall = 0.0
+    for history, target in zip(histories, targets):
+        masked = len(set(history) - {target}) if mask_history else 0
+        n = n_items - masked  # candidates: the catalog minus masked history items
+        top = min(k, n)
+        recall += top / n
+        ndcg += sum(1 / math.log2(r + 2) for r in range(top)) / n
+    return ndcg / len(targets), recall / len(targets)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("repo")
+    _copy_repo(work)
+    for stale in ("dvc.lock",):
+        (work / stale).unlink(missing_ok=True)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the `molar` script
+    _run(["git", "init", "-q"], work, env)
+    dvc = [sys.executable, "-m", "dvc"]
+    out = _run([*dvc, "repro"], work, env)
+    shown = _run([*dvc, "metrics", "show"], work, env)
+    return work, out, shown
+
+
+@pytest.mark.slow
+def test_dvc_repro_writes_complete_metrics(pipeline_run):
+    work, _, shown = pipeline_run
+    params = load_params(work / "params.yaml")
+    for name in ("eval.json", "valid.json"):
+        metrics = json.loads((work / "metrics" / name).read_text())
+        assert set(metrics) == set(params.eval.models)
+        for model, values in metrics.items():
+            expected = {f"{m}@{k}" for m in ("ndcg", "recall") for k in params.eval.ks}
+            assert set(values) == expected, (name, model)
+            assert all(0.0 <= v <= 1.0 for v in values.values()), (name, model, values)
+    assert "popularity" in shown and "ndcg@10" in shown
+
+
+@pytest.mark.slow
+def test_popularity_beats_uniform_random(pipeline_run):
+    work, _, _ = pipeline_run
+    params = load_params(work / "params.yaml")
+    split = load_split(work / "data" / "processed")
+    metrics = json.loads((work / "metrics" / "eval.json").read_text())["popularity"]
+    ndcg, recall = uniform_random_expectation(split.test.histories, split.test.targets, split.n_items, 10, params.eval.mask_history)
+    assert metrics["ndcg@10"] > 2 * ndcg, (metrics, ndcg)
+    assert metrics["recall@10"] > 2 * recall, (metrics, recall)
+
+
+@pytest.mark.slow
+def test_second_repro_is_a_no_op(pipeline_run):
+    work, _, _ = pipeline_run
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    status = _run([sys.executable, "-m", "dvc", "status"], work, env)
+    assert "up to date" in status.lower(), status
