@@ -78,10 +78,10 @@ class MirmParams(Section):
     image_max_pixels: int = Field(56 * 56, ge=28 * 28)
     max_text_tokens: int = Field(96, ge=8)
     sft_max_tokens: int = Field(384, ge=32)
-    lr: float = Field(1e-4, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)
     warmup_start_factor: float = Field(0.01, gt=0.0, le=1.0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -133,12 +133,12 @@ class SasrecParams(Section):
     max_length: int = Field(50, ge=2)
     loss: Literal["ce", "bce", "sampled_ce"] = "ce"
     num_negatives: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(5e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(128, ge=1)
-    epochs: int = Field(30, ge=1)
-    patience: int = Field(5, ge=1)
+    epochs: int = Field(40, ge=1)
+    patience: int = Field(10, ge=1)
     grad_clip: float = Field(1.0, ge=0.0)
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(200, ge=1)
@@ -157,6 +157,7 @@ class AlignParams(Section):
 class DuegParams(Section):
     init: Literal["base", "mirm"] = "base"
     item_adapter: Literal["auto", "linear"] = "linear"
+    layers: int = Field(0, ge=0)
 
 
 # ---------------------------------------------------------------------------- train

@@ -15,10 +15,11 @@ Conventions (the same for every entry point, so all of them give the same number
 * NaN scores are a model bug and raise :class:`NonFiniteScoreError`; +inf and -inf are ranked.
 
 How it stays fast and bounded: users go in chunks (``chunk_size``, the unit for ``score_fn``
-and for flattening masks); each chunk is ranked in row tiles sized to stay in the CPU cache,
+and for flattening masks); each chunk is ranked in row tiles of at most ``_TILE_BYTES``,
 through one reused score buffer. Per tile: scores are written (matrix product or copy), the
 target scores gathered, padding and masked entries overwritten with NaN (which compares False,
-so they never count), the target score written back, and ``(tile >= target).sum(1)`` counted.
+so they never count), the target score written back, and the tile compared in place
+(``tile >= target`` as 0/1 floats) and summed per row.
 Metrics accumulate as integer counts per rank below max(K), so every chunk size gives
 bit-identical results. Memory: one tile + the chunk's score rows (scorer path) + the chunk's
 mask indices, independent of the number of users.
@@ -26,6 +27,7 @@ mask indices, independent of the number of users.
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 from typing import Callable, Sequence
 
@@ -36,10 +38,12 @@ from tqdm import tqdm
 
 ScoreFn = Callable[[list[Sequence[int]]], Tensor]
 
-# Bytes of float scores per row tile: a few MiB keeps the tile and its comparison result in
-# the L2/L3 cache while the rank count reads it back (counting a tile that has already left
-# the cache costs several times more than the matrix product that made it).
-_TILE_BYTES = 4 << 20
+# Bytes of float scores per row tile: the evaluator's working memory on top of what score_fn
+# returns. Each tile costs a handful of whole-tile operations, so tiles much smaller than this
+# lose more to per-operation overhead (and, on a shared machine, to waiting for the slowest
+# thread at every operation) than they gain from staying in cache: on our 2-core box, 64 MiB
+# tiles ran 2-4x faster than 2-4 MiB ones under load and no slower than whole chunks.
+_TILE_BYTES = 64 << 20
 _MIN_TILE_ROWS = 8  # fewer rows per matrix product wastes the BLAS kernel
 
 
@@ -87,8 +91,8 @@ def target_ranks(
     targets_t = _targets_tensor(targets, n_users, n_cols)
     if exclude is not None and len(exclude) != n_users:
         raise ValueError(f"exclude has {len(exclude)} lists for {n_users} users; give one per user")
-    masks = _flatten_exclude(exclude, n_cols, first_user=0) if exclude is not None else None
-    buffers = _TileBuffers(n_cols, _buffer_dtype(scores.dtype), scores.device, n_users)
+    buffers = _TileBuffers(n_cols, _buffer_dtype(scores.dtype, n_cols), scores.device, n_users)
+    masks = _flatten_exclude(exclude, n_cols, buffers.rows, first_user=0) if exclude is not None else None
     with torch.no_grad():
         write = lambda a, b, out: out.copy_(scores[a:b])  # noqa: E731 - the caller's tensor is only read
         return _rank_chunk(write, targets_t.to(buffers.device), masks, buffers, 0)
@@ -133,8 +137,8 @@ def evaluate_scorer(
             scores = score_fn(chunk)
             _check_chunk_scores(scores, stop - start, n_cols, start)
             if buffers is None:
-                buffers = _TileBuffers(n_cols, _buffer_dtype(scores.dtype), scores.device, chunk_size)
-            masks = _flatten_exclude(chunk, n_cols, first_user=start) if mask_history else None
+                buffers = _TileBuffers(n_cols, _buffer_dtype(scores.dtype, n_cols), scores.device, chunk_size)
+            masks = _flatten_exclude(chunk, n_cols, buffers.rows, first_user=start) if mask_history else None
             ranks = _rank_chunk(
                 lambda a, b, out: out.copy_(scores[a:b]),
                 targets_t[start:stop].to(buffers.device),
@@ -144,6 +148,7 @@ def evaluate_scorer(
             )
             histogram.add(ranks)
             bar.update(stop - start)
+            scores = None  # free this chunk's scores before score_fn allocates the next
     return histogram.metrics()
 
 
@@ -165,8 +170,8 @@ def evaluate_embeddings(
         exclude: per user, item ids to mask (usually the history), or None.
         chunk_size: users per block of mask indices / progress step; never changes the result.
 
-    The scores are computed tile by tile into one reused buffer and never exist for more than
-    a cache-sized block of users at once. Half-precision embeddings are scored in float32.
+    The scores are computed tile by tile into one reused buffer of at most ``_TILE_BYTES``;
+    no [users, items] matrix ever exists. Half-precision embeddings are scored in float32.
     """
     if user_emb.dim() != 2 or item_emb.dim() != 2 or user_emb.shape[1] != item_emb.shape[1]:
         raise ValueError(
@@ -182,21 +187,24 @@ def evaluate_embeddings(
     if exclude is not None and len(exclude) != n_users:
         raise ValueError(f"exclude has {len(exclude)} lists for {n_users} users; give one per user")
     targets_t = _targets_tensor(targets, n_users, n_cols)
-    dtype = _buffer_dtype(torch.promote_types(user_emb.dtype, item_emb.dtype))
+    dtype = _buffer_dtype(torch.promote_types(user_emb.dtype, item_emb.dtype), n_cols)
     buffers = _TileBuffers(n_cols, dtype, item_emb.device, chunk_size)
     histogram = _RankHistogram(ks)
     with torch.no_grad(), tqdm(total=n_users, unit="user", desc="evaluate", disable=not progress) as bar:
         item_t = item_emb.to(dtype).T  # a transposed view: the BLAS call reads it as is
+        screen_nan = not _dot_products_are_safe(user_emb, item_emb, dtype)
         for start in range(0, n_users, chunk_size):
             stop = min(start + chunk_size, n_users)
             users = user_emb[start:stop].to(device=buffers.device, dtype=dtype)
-            masks = _flatten_exclude(exclude[start:stop], n_cols, first_user=start) if exclude is not None else None
+            chunk = exclude[start:stop] if exclude is not None else None
+            masks = _flatten_exclude(chunk, n_cols, buffers.rows, first_user=start) if chunk is not None else None
             ranks = _rank_chunk(
                 lambda a, b, out: torch.mm(users[a:b], item_t, out=out),
                 targets_t[start:stop].to(buffers.device),
                 masks,
                 buffers,
                 start,
+                screen_nan,
             )
             histogram.add(ranks)
             bar.update(stop - start)
@@ -219,6 +227,7 @@ def expected_random_metrics(
     if len(histories) != len(targets) or not histories:
         raise ValueError(f"need one target per history and at least one user; got {len(histories)} and {len(targets)}")
     ks = _check_ks(ks)
+    targets = torch.as_tensor(targets).tolist()
     discount_cumsum = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(max(ks)) + 2.0))])
     candidates = np.empty(len(histories), dtype=np.float64)
     for u, (history, target) in enumerate(zip(histories, targets)):
@@ -250,6 +259,8 @@ class _RankHistogram:
         self.n_users += ranks.numel()
 
     def metrics(self) -> dict[str, float]:
+        if self.n_users == 0:
+            raise ValueError("no users to evaluate: metrics over zero users are undefined")
         discount = 1.0 / np.log2(np.arange(self.max_k) + 2.0)
         out: dict[str, float] = {}
         for k in self.ks:
@@ -259,34 +270,36 @@ class _RankHistogram:
 
 
 class _TileBuffers:
-    """The reused score tile and comparison result (allocated once per evaluation)."""
+    """The reused score tile (allocated once per evaluation)."""
 
     def __init__(self, n_cols: int, dtype: torch.dtype, device: torch.device, max_rows: int):
         if device.type == "cpu":
             rows = max(_MIN_TILE_ROWS, _TILE_BYTES // (n_cols * torch.finfo(dtype).bits // 8))
-        else:  # accelerators have no small cache to stay in; one tile per chunk, fewer launches
+        else:  # accelerators: one tile per chunk (fewer kernel launches; chunk_size bounds memory)
             rows = max_rows
         self.rows = max(1, min(rows, max_rows))
         self.n_cols = n_cols
         self.device = device
         self.scores = torch.empty(self.rows, n_cols, dtype=dtype, device=device)
-        self.at_least = torch.empty(self.rows, n_cols, dtype=torch.bool, device=device)
 
 
 class _ChunkMasks:
-    """A chunk's exclude lists as flat indices into its [rows, n_cols] score block."""
+    """A chunk's exclude lists as flat indices into the score tile each row lands in."""
 
-    def __init__(self, flat_index: Tensor, row_start: np.ndarray):
-        self.flat_index = flat_index  # row * n_cols + item, in row order
+    def __init__(self, flat_index: np.ndarray, row_start: np.ndarray):
+        self.flat_index = flat_index  # (row % tile_rows) * n_cols + item, in row order
         self.row_start = row_start  # row_start[r]: first entry of row r; row_start[-1] = total
 
-    def tile(self, a: int, b: int, n_cols: int) -> Tensor:
-        """Entries of rows a..b-1, as flat indices into a tile whose first row is row a."""
-        return self.flat_index[int(self.row_start[a]) : int(self.row_start[b])] - a * n_cols
+    def for_rows(self, a: int, b: int) -> np.ndarray:
+        """The entries of rows a..b-1 (one tile), a view."""
+        return self.flat_index[self.row_start[a] : self.row_start[b]]
 
 
-def _flatten_exclude(exclude: Sequence[Sequence[int]], n_cols: int, first_user: int) -> _ChunkMasks:
-    # One vectorised pass per chunk: no per-user tensor building.
+def _flatten_exclude(
+    exclude: Sequence[Sequence[int]], n_cols: int, tile_rows: int, first_user: int
+) -> _ChunkMasks:
+    # One vectorised pass per chunk (numpy: single-threaded, no per-user tensors), with the
+    # offsets of each row inside its tile already added, so a tile's masks are a plain slice.
     lengths = np.fromiter(map(len, exclude), dtype=np.int64, count=len(exclude))
     total = int(lengths.sum())
     items = np.fromiter(chain.from_iterable(exclude), dtype=np.int64, count=total)
@@ -299,8 +312,18 @@ def _flatten_exclude(exclude: Sequence[Sequence[int]], n_cols: int, first_user: 
         )
     row_start = np.zeros(len(exclude) + 1, dtype=np.int64)
     np.cumsum(lengths, out=row_start[1:])
-    items += np.repeat(np.arange(len(exclude), dtype=np.int64) * n_cols, lengths)
-    return _ChunkMasks(torch.from_numpy(items), row_start)
+    items += np.repeat(np.arange(len(exclude), dtype=np.int64) % tile_rows * n_cols, lengths)
+    return _ChunkMasks(items, row_start)
+
+
+def _fill_nan(tile: Tensor, flat_index: np.ndarray) -> None:
+    """tile.view(-1)[flat_index] = NaN."""
+    if tile.device.type == "cpu":
+        # numpy writes into the tensor's memory single-threaded: for a few thousand entries
+        # that beats a parallel torch kernel, which on a busy machine waits for both threads.
+        tile.numpy().reshape(-1)[flat_index] = np.nan
+    else:
+        tile.view(-1).index_fill_(0, torch.from_numpy(flat_index).to(tile.device), float("nan"))
 
 
 def _rank_chunk(
@@ -309,29 +332,52 @@ def _rank_chunk(
     masks: _ChunkMasks | None,
     buffers: _TileBuffers,
     first_user: int,
+    screen_nan: bool = True,
 ) -> Tensor:
-    """Pessimistic 0-based target ranks for one chunk; ``write_scores(a, b, out)`` fills rows a..b-1."""
-    n_rows, n_cols = targets.shape[0], buffers.n_cols
+    """Pessimistic 0-based target ranks for one chunk; ``write_scores(a, b, out)`` fills rows a..b-1.
+
+    ``masks`` must come from ``_flatten_exclude(..., tile_rows=buffers.rows)``. ``screen_nan``
+    may be False only when the scores provably hold no NaN (see ``_dot_products_are_safe``).
+    """
+    n_rows = targets.shape[0]
     ranks = torch.empty(n_rows, dtype=torch.long, device=buffers.device)
-    flat_masks = masks.flat_index.to(buffers.device) if masks is not None else None
-    if flat_masks is not None:
-        masks = _ChunkMasks(flat_masks, masks.row_start)
     for a in range(0, n_rows, buffers.rows):
         b = min(a + buffers.rows, n_rows)
         tile = buffers.scores[: b - a]
         write_scores(a, b, tile)
-        tile[:, 0] = 0.0  # padding column: never read, so whatever the model put there is harmless
-        if torch.isnan(tile.sum()):  # cheap screen; inf - inf can trip it, so confirm exactly
-            _raise_if_nan(tile, first_user + a)
+        if screen_nan:
+            tile[:, 0] = 0.0  # padding column: never read, so whatever the model put there is harmless
+            if torch.isnan(tile.sum()):  # cheap screen; inf - inf can trip it, so confirm exactly
+                _raise_if_nan(tile, first_user + a)
         target_col = targets[a:b, None]
         target_score = tile.gather(1, target_col)
         tile[:, 0] = float("nan")  # NaN >= x is False: padding and masked items never count
         if masks is not None:
-            tile.view(-1).index_fill_(0, masks.tile(a, b, n_cols), float("nan"))
+            _fill_nan(tile, masks.for_rows(a, b))
         tile.scatter_(1, target_col, target_score)  # the target is never masked
-        at_least = torch.ge(tile, target_score, out=buffers.at_least[: b - a])
-        torch.sub(at_least.sum(1), 1, out=ranks[a:b])  # minus the target itself
+        # In place, the tile becomes 1.0 where an item counts, and a float row sum counts them
+        # exactly (n_cols < 2**24, see _buffer_dtype). Not (tile >= t).sum(1): summing a bool
+        # tensor first casts it to a temporary int64 copy 8x its size, which is most of the cost.
+        tile.ge_(target_score)
+        ranks[a:b] = tile.sum(1) - 1  # minus the target itself
     return ranks
+
+
+def _dot_products_are_safe(user_emb: Tensor, item_emb: Tensor, dtype: torch.dtype) -> bool:
+    """True when user_emb @ item_emb[1:].T cannot hold NaN, so no tile needs screening.
+
+    With finite inputs NaN can only come from an overflow to inf followed by inf - inf; every
+    partial sum of a d-term dot product is bounded by d * max|u| * max|v|, so if that bound
+    (with a factor-2 margin for rounding) is below the dtype's largest value, nothing
+    overflows. A NaN or inf input makes the bound non-finite and the tiles get screened.
+    """
+    bound = float(user_emb.shape[1])
+    for emb in (user_emb, item_emb[1:]):  # row 0 of item_emb: padding, its column is never read
+        if emb.numel() == 0:
+            return True
+        low, high = torch.aminmax(emb)
+        bound *= max(-float(low), float(high))
+    return math.isfinite(bound) and bound < torch.finfo(dtype).max / 2
 
 
 def _raise_if_nan(tile: Tensor, first_user: int) -> None:
@@ -379,9 +425,10 @@ def _check_floating(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+def _buffer_dtype(dtype: torch.dtype, n_cols: int) -> torch.dtype:
     # float64 stays exact; half precisions are ranked in float32 (exact upcast, fast kernels).
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    # The rank count sums 0/1 floats: exact in float32 only below 2**24 items.
+    return torch.float64 if dtype == torch.float64 or n_cols >= 2**24 else torch.float32
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:

@@ -13,21 +13,44 @@ import torch
 import typer
 
 from molar.config import Params
-from molar.data.split import SplitData, load_split
-from molar.io import METRICS, PROCESSED, atomic_path, write_json
+from molar.data.split import SplitData, Targets, load_split
+from molar.io import METRICS, MODELS, PROCESSED, atomic_path, write_json
 from stages.common import PARAMS_OPTION, read_params, user_errors
 
 ScoreFn = Callable[[list[list[int]]], torch.Tensor]
 
 
-def _popularity(split: SplitData, params: Params) -> ScoreFn:
+ScorerFor = Callable[[Targets], ScoreFn]  # the score function to rank one split (valid or test) with
+
+
+def _popularity(split: SplitData, params: Params) -> ScorerFor:
     from molar.models.popularity import Popularity
 
-    return Popularity.fit(split.train, split.n_items).score
+    # counted over the histories of the split being ranked: for test these include the
+    # validation targets, which the model may know at that point in time
+    return lambda part: Popularity.fit(part.histories, split.n_items).score
 
 
-# eval.models name -> builder of its score function; each model lives in one molar/models file.
-SCORERS: dict[str, Callable[[SplitData, Params], ScoreFn]] = {"popularity": _popularity}
+def _sasrec(split: SplitData, params: Params) -> ScorerFor:
+    from molar.models.sasrec import load_scorer
+
+    score_fn = load_scorer(MODELS / "sasrec")
+    return lambda part: score_fn
+
+
+def _molar(split: SplitData, params: Params) -> ScorerFor:
+    from molar.models.molar import load_scorer
+
+    score_fn = load_scorer(MODELS / "molar")
+    return lambda part: score_fn
+
+
+# eval.models name -> builder of its scorer; each model lives in one molar/models file.
+SCORERS: dict[str, Callable[[SplitData, Params], ScorerFor]] = {
+    "popularity": _popularity,
+    "sasrec": _sasrec,
+    "molar": _molar,
+}
 
 
 def main(params: Path = PARAMS_OPTION) -> None:
@@ -40,20 +63,20 @@ def main(params: Path = PARAMS_OPTION) -> None:
         unknown = [m for m in cfg.eval.models if m not in SCORERS]
         if unknown:
             raise ValueError(f"eval.models: no scorer for {unknown}; available: {', '.join(SCORERS)}")
-        scorers = {name: SCORERS[name](split, cfg) for name in cfg.eval.models}
     results: dict[str, dict] = {"valid": {}, "test": {}}
-    for name, score_fn in scorers.items():
+    for name in cfg.eval.models:
+        with user_errors():
+            scorer_for = SCORERS[name](split, cfg)
         for part, targets in (("valid", split.valid), ("test", split.test)):
-            with torch.no_grad():
-                results[part][name] = evaluate_scorer(
-                    score_fn,
-                    targets.histories,
-                    targets.targets,
-                    split.n_items,
-                    ks=cfg.eval.ks,
-                    mask_history=cfg.eval.mask_history,
-                    chunk_size=cfg.eval.user_chunk_size,
-                )
+            results[part][name] = evaluate_scorer(
+                scorer_for(targets),
+                targets.histories,
+                targets.targets,
+                split.n_items,
+                ks=cfg.eval.ks,
+                mask_history=cfg.eval.mask_history,
+                chunk_size=cfg.eval.user_chunk_size,
+            )
             typer.echo(f"{part:5s} {name:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in results[part][name].items()))
     write_json(results["valid"], METRICS / "valid.json")
     write_json(results["test"], METRICS / "eval.json")

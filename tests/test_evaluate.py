@@ -285,3 +285,32 @@ def test_uniform_random_scores_match_the_expectation():
         assert measured[key] == pytest.approx(expected[key], abs=0.015), key
     # Forgetting the mask would overstate recall@10 by ~ 10/26.5 - 10/30 = 0.044: detectable.
     assert expected["recall@10"] > expected_random_metrics(histories, targets.tolist(), n_items, (10,), False)["recall@10"] + 0.03
+
+
+def test_no_users_is_an_error():
+    with pytest.raises(ValueError, match="no users"):
+        metrics_from_scores(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="no users"):
+        evaluate_scorer(lambda b: torch.zeros(len(b), 6), [], [], 5, progress=False)
+
+
+def test_nan_in_embeddings_is_an_error():
+    users, items = torch.ones(3, 2), torch.ones(5, 2)
+    users[2, 1] = NAN
+    with pytest.raises(NonFiniteScoreError, match=r"user #2 for item id 1"):
+        evaluate_embeddings(users, items, [1, 2, 3], progress=False)
+
+
+def test_overflowing_dot_products_are_screened():
+    # 1e20 * 1e20 overflows float32: item 1 scores +inf (ranked), item 2 scores inf - inf = NaN.
+    users = torch.tensor([[1e20, 1e20]])
+    items = torch.tensor([[0.0, 0.0], [1e20, 1e20], [1e20, -1e20], [1.0, 1.0]])
+    with pytest.raises(NonFiniteScoreError, match=r"user #0 for item id 2"):
+        evaluate_embeddings(users, items, [1], progress=False)
+    finite = evaluate_embeddings(users, items[[0, 1, 3]], [1], ks=(1,), progress=False)
+    assert finite == {"ndcg@1": 1.0, "recall@1": 1.0}
+
+
+def test_nan_padding_embedding_is_ignored():
+    users, items = torch.tensor([[1.0, 0.0]]), torch.tensor([[NAN, NAN], [2.0, 0.0], [1.0, 0.0]])
+    assert evaluate_embeddings(users, items, [2], ks=(2,), progress=False)["recall@2"] == 1.0
