@@ -190,7 +190,7 @@ class EvalParams(Section):
     ks: list[int] = [10, 20, 50]
     mask_history: bool = True
     user_chunk_size: int = Field(1024, ge=1)
-    models: list[Literal["popularity", "sasrec", "molar"]] = ["popularity"]
+    models: list[Literal["popularity", "sasrec", "molar"]] = ["popularity", "sasrec", "molar"]
 
     @field_validator("ks")
     @classmethod

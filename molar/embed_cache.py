@@ -1,0 +1,136 @@
+"""The catalog embedding cache: every item's MIRM embedding, computed once per checkpoint.
+
+File format (safetensors): one tensor ``items`` [n_items + 1, d] float32, row i = item_idx i,
+row 0 = zeros (padding), plus string metadata: ``key`` (what the table was computed from, see
+``catalog_key``), ``checkpoint`` (directory), ``n_items``, ``hidden_size``.
+
+``cached_catalog_embeddings(path, ...)`` returns the table at ``path`` when its key matches and
+computes and writes it (atomically) otherwise, so train-mirm writes it once and evaluation and
+the joint stage reuse it. The key covers the checkpoint's files (content hash), the items table,
+the prompt settings and the dtype: a new fine-tune or a changed prompt never reuses a stale table.
+
+Under ``accelerate launch`` every process embeds its share of the length-sorted chunks (round
+robin, so the work is balanced); the rows are summed across processes (each row is non-zero in
+exactly one, so the sum is exact) and the main process writes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from molar.backbones import Backbone
+from molar.io import atomic_path
+from molar.models.mirm import PromptEncoder, embed_items, item_chunks, item_texts
+
+TENSOR = "items"
+_CHUNK = 8 << 20
+
+
+def process_state():
+    """accelerate's process group view (one process unless run under ``accelerate launch``/``torchrun``).
+
+    ``ACCELERATE_USE_CPU=1`` (set by ``accelerate launch --cpu``) makes a multi-process CPU run
+    use gloo, as ``Accelerator`` does; a bare ``PartialState()`` would ignore it.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _hash_files(paths: Iterable[Path], root: Path, h) -> None:
+    for path in sorted(paths):
+        h.update(str(path.relative_to(root)).encode() + b"\x00")
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+
+
+def checkpoint_key(directory: str | Path) -> str:
+    """Content hash of a checkpoint directory (weights, config, tokenizer, image processor)."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    _hash_files([p for p in directory.rglob("*") if p.is_file()], directory, h)
+    return h.hexdigest()
+
+
+def catalog_key(checkpoint: str, items: pl.DataFrame, encoder: PromptEncoder, dtype: str) -> str:
+    """Key of a catalog table: checkpoint hash, the items' content, prompt settings, dtype."""
+    h = hashlib.sha256()
+    h.update(checkpoint.encode())
+    for column in ("title", "description", "attributes", "image_path"):
+        h.update(json.dumps(items[column].to_list()).encode())
+    settings = {
+        "lines": encoder.lines,
+        "text": encoder.use_text,
+        "image": encoder.use_image,
+        "max_text_tokens": encoder.max_text_tokens,
+        "pixels": dict(encoder.backbone.image_processor.size) if encoder.backbone.image_processor is not None else None,
+        "dtype": dtype,
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def embed_catalog(backbone: Backbone, encoder: PromptEncoder, items: pl.DataFrame, batch_size: int) -> torch.Tensor:
+    """[n_items + 1, d] float32 (row 0 zeros) on CPU; sharded across processes when several run."""
+    state = process_state()
+    texts = item_texts(items)
+    chunks = item_chunks(encoder, texts, batch_size)
+    rows = embed_items(backbone, encoder, texts, batch_size, chunks=chunks[state.process_index :: state.num_processes])
+    if state.num_processes > 1:
+        rows = rows.to(state.device)
+        torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.SUM)
+        rows = rows.cpu()
+    return torch.cat([torch.zeros(1, rows.shape[1]), rows])
+
+
+def save_catalog_embeddings(path: str | Path, table: torch.Tensor, key: str, checkpoint: str | Path) -> None:
+    metadata = {"key": key, "checkpoint": str(checkpoint), "n_items": str(table.shape[0] - 1), "hidden_size": str(table.shape[1])}
+    with atomic_path(path) as tmp:
+        save_file({TENSOR: table.contiguous()}, str(tmp), metadata=metadata)
+
+
+def load_catalog_embeddings(path: str | Path, key: str | None = None) -> torch.Tensor | None:
+    """The table at ``path``; None when missing or (with ``key``) computed from something else."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if key is not None and (f.metadata() or {}).get("key") != key:
+            return None
+        return f.get_tensor(TENSOR)
+
+
+def cached_catalog_embeddings(
+    path: str | Path,
+    backbone: Backbone,
+    encoder: PromptEncoder,
+    items: pl.DataFrame,
+    batch_size: int,
+    dtype: str,
+    checkpoint: str | None = None,
+) -> torch.Tensor:
+    """Load the table at ``path`` if it was computed from the same inputs, else compute and write it.
+
+    ``checkpoint``: its content hash if the caller has it (else hashed from ``backbone.directory``;
+    pass your own when the in-memory weights differ from the directory's).
+    """
+    state = process_state()
+    key = catalog_key(checkpoint or checkpoint_key(backbone.directory), items, encoder, dtype)
+    table = load_catalog_embeddings(path, key)
+    if table is not None:
+        return table
+    table = embed_catalog(backbone, encoder, items, batch_size)
+    if state.is_main_process:
+        save_catalog_embeddings(path, table, key, backbone.directory)
+    state.wait_for_everyone()
+    return table

@@ -1,0 +1,620 @@
+"""MIRM, the multimodal item model: item prompts -> the hidden state at ``[Cur_Item]``.
+
+An item prompt is the template of the data source (``mirm.prompts``; placeholders ``{title}``,
+``{description}``, ``{attributes}``, ``{image}``) with ``[Cur_Item]`` appended; the item embedding
+is the decoder's final hidden state (after the last norm) at that token. The same encoder turns
+SFT examples (molar/sft.py) into ChatML token ids with labels on the answer only.
+
+Token assembly is done here rather than by a processor, so that:
+- ``{image}`` becomes ``<|vision_start|>`` + n x ``<|image_pad|>`` + ``<|vision_end|>`` with
+  n = patches / merge_size**2 of the resized image (what Qwen2VLProcessor inserts), and is never
+  truncated: the ``max_text_tokens`` budget applies to the text fields only, cutting the longest
+  field first;
+- a template line whose placeholders are all empty (no description, no image, a modality that is
+  switched off) is dropped instead of leaving a dangling label;
+- batches are padded on either side with positions that follow the real tokens only, so an item
+  embeds to the same vector alone or in any batch (test_mirm.py checks this).
+
+``mirm.modalities``: [text] drops ``{image}``; [image] drops the text fields, except that an item
+without an image keeps its title (else every such item would embed to the same vector).
+
+Entry points: ``make_encoder(backbone, mirm_params, data_source)`` -> ``PromptEncoder``;
+``embed_items(backbone, encoder, item_texts(items_df), batch_size)`` -> [n, d] (no gradients);
+``ItemEmbedder(model)(encoder.collate(encoder.encode_items(texts)))`` -> [B, d] (differentiable,
+for training MIRM end to end); ``finetune(...)`` (the train-mirm recipe); the catalog table with
+row 0 = padding lives in molar/embed_cache.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from molar.backbones import Backbone
+from molar.config import PROMPT_FIELDS
+from molar.sft import IMAGE_MARKER, render_attributes
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, image and padding tokens)
+TEXT_FIELDS = ("title", "description", "attributes")
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+# ------------------------------------------------------------------------------ item texts
+@dataclass(frozen=True)
+class ItemText:
+    title: str
+    description: str
+    attributes: str  # rendered "key: value; key: value"
+    image_path: str | None
+
+
+def item_texts(items: pl.DataFrame) -> list[ItemText]:
+    """One ``ItemText`` per row of an items table (interim or processed), in row order."""
+    return [
+        ItemText(
+            title=row["title"] or "",
+            description=row["description"] or "",
+            attributes=render_attributes(row["attributes"]),
+            image_path=row["image_path"],
+        )
+        for row in items.select("title", "description", "attributes", "image_path").iter_rows(named=True)
+    ]
+
+
+def backbone_corpus(items: pl.DataFrame) -> list[str]:
+    """The item texts the ``tiny-qwen2-vl`` tokenizer is trained on; pass it as ``load_backbone(..., corpus=)``
+    wherever the base backbone is loaded, so every stage gets the same preset (ignored by real checkpoints)."""
+    return [f"{t.title}\n{t.description}\n{t.attributes}" for t in item_texts(items)]
+
+
+def prompt_template(prompts: dict[str, str], source: str) -> str:
+    """The template of ``source`` (``data.source``), else the default one."""
+    return prompts.get(source, prompts["default"])
+
+
+# ------------------------------------------------------------------------------ encoding
+@dataclass
+class Encoded:
+    """One prompt as token ids; images in order of appearance with their pad-token counts."""
+
+    input_ids: list[int]
+    images: list[str] = field(default_factory=list)
+    image_tokens: list[int] = field(default_factory=list)
+    labels: list[int] | None = None  # SFT only: IGNORE_INDEX outside the answer
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def water_fill(lengths: Sequence[int], budget: int) -> list[int]:
+    """Per-field token caps summing to at most ``budget``, cutting the longest fields first.
+
+    Short fields (a title) stay whole while a long one (a description) is trimmed; ties are
+    broken by position, so the result is deterministic.
+    """
+    if sum(lengths) <= budget:
+        return list(lengths)
+    caps = [0] * len(lengths)
+    remaining, order = budget, sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    for rank, i in enumerate(order):
+        share = remaining // (len(order) - rank)
+        caps[i] = min(lengths[i], share)
+        remaining -= caps[i]
+    return caps
+
+
+def _parse(template: str) -> list[list[tuple[str, str]]]:
+    """Template -> lines -> segments ("text", literal) | ("field", name); newlines stay in the literals."""
+    lines = []
+    for line in template.splitlines(keepends=True):
+        segments, pos = [], 0
+        for m in _PLACEHOLDER.finditer(line):
+            if m.group(1) not in PROMPT_FIELDS:
+                raise ValueError(f"prompt template placeholder {{{m.group(1)}}} is not one of {PROMPT_FIELDS}")
+            if m.start() > pos:
+                segments.append(("text", line[pos : m.start()]))
+            segments.append(("field", m.group(1)))
+            pos = m.end()
+        if pos < len(line):
+            segments.append(("text", line[pos:]))
+        lines.append(segments)
+    return lines
+
+
+class PromptEncoder:
+    """Builds item prompts and SFT examples as token ids for one backbone, and batches them."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        template: str,
+        modalities: Sequence[str],
+        max_text_tokens: int,
+        sft_max_tokens: int = 384,
+        image_root: str | Path = ".",
+    ) -> None:
+        if "image" in modalities and not backbone.supports_images:
+            raise ValueError(f"mirm.modalities {list(modalities)} asks for images; {backbone.name} is text-only")
+        self.backbone = backbone
+        self.tokenizer = backbone.tokenizer
+        self.special = backbone.special
+        self.lines = _parse(template)
+        self.fields = {name for line in self.lines for kind, name in line if kind == "field"}
+        self.use_text = "text" in modalities
+        self.use_image = "image" in modalities
+        self.max_text_tokens = max_text_tokens
+        self.sft_max_tokens = sft_max_tokens
+        self.image_root = Path(image_root)
+        self._literal_ids: dict[str, list[int]] = {}
+        self._image_token_cache: dict[str, int] = {}
+        vocab = self.tokenizer.get_vocab()
+        self.chatml = "<|im_start|>" in vocab and "<|im_end|>" in vocab
+
+    # -------------------------------------------------------------------------- pieces
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._literal_ids:
+            self._literal_ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._literal_ids[text]
+
+    def _image_file(self, path: str) -> Path:
+        return self.image_root / path
+
+    def image_token_count(self, path: str) -> int:
+        """Pad tokens the image at ``path`` becomes after resizing to the pixel budget (header read only)."""
+        if path not in self._image_token_cache:
+            from PIL import Image
+
+            with Image.open(self._image_file(path)) as img:
+                width, height = img.size
+            patches = self.backbone.image_processor.get_number_of_image_patches(height, width, {})
+            self._image_token_cache[path] = patches // self.backbone.merge_size**2
+        return self._image_token_cache[path]
+
+    def _image_span(self, n_tokens: int) -> list[int]:
+        s = self.special
+        return [s.vision_start] + [s.image] * n_tokens + [s.vision_end]
+
+    # --------------------------------------------------------------------------- items
+    def encode_items(self, items: Sequence[ItemText]) -> list[Encoded]:
+        """Token ids of each item's prompt, ending in ``[Cur_Item]``."""
+        # One batched tokenizer call per field the template uses (fast tokenizers run it in Rust).
+        field_ids = {f: self._batch_ids([getattr(it, f) for it in items]) if f in self.fields else [[]] * len(items)
+                     for f in TEXT_FIELDS}
+        return [self._encode_item(i, it, field_ids) for i, it in enumerate(items)]
+
+    def estimated_lengths(self, items: Sequence[ItemText]) -> list[int]:
+        """Cheap prompt-length estimates for batching (no tokenising): text characters / 4 plus
+        image tokens (from the image header). Only the grouping depends on it, never the result."""
+        fields = [f for f in TEXT_FIELDS if f in self.fields]
+        out = []
+        for it in items:
+            n = sum(len(getattr(it, f)) for f in fields) // 4
+            if self.use_image and it.image_path is not None and "image" in self.fields:
+                n += self.image_token_count(it.image_path)
+            out.append(n)
+        return out
+
+    def _batch_ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the Rust tokenizer directly: skips building a BatchEncoding
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode_item(self, i: int, item: ItemText, field_ids: dict[str, list[list[int]]]) -> Encoded:
+        has_image = self.use_image and item.image_path is not None
+        # [image] without an image: keep the title so the item is still identifiable.
+        shown = set(TEXT_FIELDS) if self.use_text else ({"title"} if not has_image else set())
+        kept: list[list[tuple[str, str]]] = []
+        for line in self.lines:
+            fields = [name for kind, name in line if kind == "field"]
+            present = [f for f in fields if (f == "image" and has_image) or (f in shown and field_ids[f][i])]
+            if fields and not present:
+                continue
+            kept.append([(k, n) for k, n in line if k == "text" or n in present])
+        text_fields = [n for line in kept for k, n in line if k == "field" and n != "image"]
+        caps = dict(zip(text_fields, water_fill([len(field_ids[f][i]) for f in text_fields], self.max_text_tokens)))
+        ids: list[int] = []
+        images, counts = [], []
+        for line in kept:
+            for kind, name in line:
+                if kind == "text":
+                    ids += self._ids(name)
+                elif name == "image":
+                    n = self.image_token_count(item.image_path)
+                    ids += self._image_span(n)
+                    images.append(item.image_path)
+                    counts.append(n)
+                else:
+                    ids += field_ids[name][i][: caps[name]]
+        ids.append(self.special.cur_item)
+        return Encoded(ids, images, counts)
+
+    # ----------------------------------------------------------------------------- SFT
+    def encode_sft(self, prompt: str, image_paths: Sequence[str], target: str) -> Encoded:
+        """ChatML user turn (text and images) + assistant answer; labels on the answer and its end token.
+
+        Images are shown only when ``image`` is a modality (else their markers are dropped).
+        Over ``sft_max_tokens``, the answer is cut to ``max_text_tokens`` and then the prompt's
+        text pieces (never its images) are trimmed, longest first.
+        """
+        pieces = prompt.split(IMAGE_MARKER)
+        if len(pieces) - 1 != len(image_paths):
+            raise ValueError(f"SFT prompt has {len(pieces) - 1} {IMAGE_MARKER} markers but {len(image_paths)} image paths")
+        if self.chatml:
+            head, mid, tail = self._ids("<|im_start|>user\n"), self._ids("<|im_end|>\n<|im_start|>assistant\n"), self._ids("<|im_end|>")
+        else:
+            head, mid, tail = self._ids("User: "), self._ids("\nAssistant: "), [self.special.eos]
+        text_ids = self._batch_ids(pieces)
+        answer = self._ids_uncached(target)[: self.max_text_tokens] + tail
+        spans = [self._image_span(self.image_token_count(p)) if self.use_image else [] for p in image_paths]
+        fixed = len(head) + len(mid) + len(answer) + sum(map(len, spans))
+        caps = water_fill([len(t) for t in text_ids], max(0, self.sft_max_tokens - fixed))
+        prompt_ids = list(head)
+        for j, piece in enumerate(text_ids):
+            prompt_ids += piece[: caps[j]]
+            if j < len(spans):
+                prompt_ids += spans[j]
+        prompt_ids += mid
+        shown = list(image_paths) if self.use_image else []
+        counts = [len(s) - 2 for s in spans] if self.use_image else []
+        return Encoded(
+            prompt_ids + answer,
+            shown,
+            counts,
+            labels=[IGNORE_INDEX] * len(prompt_ids) + answer,
+        )
+
+    def _ids_uncached(self, text: str) -> list[int]:
+        return self._batch_ids([text])[0]
+
+    # ---------------------------------------------------------------------------- batch
+    def collate(self, encoded: Sequence[Encoded], pad_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad to the longest prompt; process the images; positions count real tokens only.
+
+        Returns input_ids, attention_mask, cur_positions (index of each prompt's last real token,
+        ``[Cur_Item]`` for items), labels (SFT), and, with images, pixel_values, image_grid_thw and
+        mm_token_type_ids (1 on image pads; Qwen2-VL's M-RoPE needs it). Without images it also
+        returns position_ids, so left padding does not shift positions.
+        """
+        if pad_side not in ("left", "right"):
+            raise ValueError(f"pad_side must be left or right, got {pad_side!r}")
+        width = max(len(e) for e in encoded)
+        with_labels = encoded[0].labels is not None
+        pad, ids, mask, lab, cur = self.special.pad, [], [], [], []
+        for e in encoded:
+            gap = width - len(e)
+            right = pad_side == "right"
+            ids.append(e.input_ids + [pad] * gap if right else [pad] * gap + e.input_ids)
+            mask.append([1] * len(e) + [0] * gap if right else [0] * gap + [1] * len(e))
+            if with_labels:
+                lab.append(e.labels + [IGNORE_INDEX] * gap if right else [IGNORE_INDEX] * gap + e.labels)
+            cur.append(len(e) - 1 if right else width - 1)
+        # one tensor per field from nested lists: far cheaper than a tensor per row
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        attention = torch.tensor(mask, dtype=torch.long)
+        labels = torch.tensor(lab, dtype=torch.long) if with_labels else None
+        cur = torch.tensor(cur, dtype=torch.long)
+        out = {"input_ids": input_ids, "attention_mask": attention, "cur_positions": cur}
+        if labels is not None:
+            out["labels"] = labels
+        paths = [p for e in encoded for p in e.images]
+        if paths:
+            out.update(self._pixels(paths, [n for e in encoded for n in e.image_tokens]))
+            out["mm_token_type_ids"] = (input_ids == self.special.image).long()
+        else:
+            out["position_ids"] = (attention.cumsum(-1) - 1).clamp(min=0)
+        return out
+
+    def _pixels(self, paths: list[str], expected: list[int]) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        images = []
+        for p in paths:
+            with Image.open(self._image_file(p)) as img:
+                images.append(img.convert("RGB"))
+        processed = self.backbone.image_processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        got = (grid.prod(-1) // self.backbone.merge_size**2).tolist()
+        if got != expected:
+            raise RuntimeError(f"image token counts {got} differ from the prompt's {expected} (pixel budget changed?)")
+        return {"pixel_values": processed["pixel_values"], "image_grid_thw": grid}
+
+
+# ------------------------------------------------------------------------------ forward
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (its LoRA layers stay active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states [B, L, d] of a collated batch (no LM head, no KV cache)."""
+    inner = _hf_model(model).base_model  # Qwen2VLModel / LlamaModel / ...
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "pixel_values" in batch:
+        inputs.update(
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+        )
+    return inner(**inputs, use_cache=False).last_hidden_state
+
+
+def cur_item_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Item embeddings [B, d]: the final hidden state at each prompt's ``[Cur_Item]``."""
+    hidden = hidden_states(model, batch)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["cur_positions"]]
+
+
+def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens only (labels != IGNORE_INDEX).
+
+    The LM head runs on the answer positions only: with a 150k vocabulary, full-sequence logits
+    would dominate memory for nothing.
+    """
+    hidden = hidden_states(model, batch)[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    if not bool(mask.any()):
+        raise ValueError("SFT batch without any answer token to learn from")
+    logits = _hf_model(model).get_output_embeddings()(hidden[mask])
+    return F.cross_entropy(logits.float(), targets[mask])
+
+
+class ItemEmbedder(torch.nn.Module):
+    """``forward(batch) -> [B, d]`` item embeddings; wrap it (DDP, ...) to train MIRM end to end."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return cur_item_states(self.model, batch)
+
+
+class SftModel(torch.nn.Module):
+    """``forward(batch) -> loss``: the causal-LM fine-tuning objective as one module (for ``fit``/DDP).
+
+    A batch without images leaves the vision tower out of the graph, and DistributedDataParallel
+    (``accelerate launch``) refuses parameters that receive no gradient. Such batches add
+    0 x (sum of the trainable vision weights): the loss value is unchanged and every process
+    reduces the same set of gradients (zeros for the tower).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        visual = getattr(_hf_model(model).base_model, "visual", None)
+        self._vision = [p for p in visual.parameters() if p.requires_grad] if visual is not None else []
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = sft_loss(self.model, batch)
+        if self._vision and "pixel_values" not in batch:
+            loss = loss + 0.0 * sum(p.sum() for p in self._vision)
+        return loss
+
+
+# ----------------------------------------------------------------------------- embedding
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first: peak memory shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+CHUNK_BATCHES = 16  # batches prepared together: sorted by true length inside, overlapped with the model
+
+
+def item_chunks(encoder: PromptEncoder, items: Sequence[ItemText], batch_size: int) -> list[list[int]]:
+    """The catalog cut into chunks of ``CHUNK_BATCHES`` batches' worth of items of similar estimated
+    length (no tokenising needed); ``chunk_batches`` then sorts each chunk by its true token length."""
+    return length_batches(encoder.estimated_lengths(items), batch_size * CHUNK_BATCHES)
+
+
+def chunk_batches(
+    encoder: PromptEncoder, items: Sequence[ItemText], chunk: Sequence[int], batch_size: int
+) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Tokenise one chunk, sort it by token length, cut it into padded batches: [(item indices, batch)]."""
+    encoded = encoder.encode_items([items[i] for i in chunk])
+    order = sorted(range(len(chunk)), key=lambda j: (-len(encoded[j]), j))
+    out = []
+    for start in range(0, len(order), batch_size):
+        picked = order[start : start + batch_size]
+        out.append(([chunk[j] for j in picked], encoder.collate([encoded[j] for j in picked])))
+    return out
+
+
+@torch.inference_mode()
+def embed_items(
+    backbone: Backbone,
+    encoder: PromptEncoder,
+    items: Sequence[ItemText],
+    batch_size: int,
+    chunks: Sequence[Sequence[int]] | None = None,
+    model: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Item embeddings [len(items), hidden_size] (float32, CPU), in the order of ``items``.
+
+    ``chunks``: index groups to run (default ``item_chunks``); rows outside every chunk stay zero
+    (how a catalog is sharded across processes). A worker thread tokenises, sorts, pads and
+    image-processes chunk k + 1 while the model runs on chunk k (tokenizers, PIL and torch release
+    the GIL), so preparing the input costs little beyond the forward passes themselves.
+    ``model``: defaults to ``backbone.model`` (pass a wrapped or fine-tuned copy to embed with it).
+    """
+    model = backbone.model if model is None else model
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.zeros((len(items), backbone.hidden_size), dtype=torch.float32)
+    chunks = item_chunks(encoder, items, batch_size) if chunks is None else [list(c) for c in chunks]
+    if not chunks:
+        return out
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(chunk_batches, encoder, items, chunks[0], batch_size)
+        for k in range(len(chunks)):
+            prepared = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(chunk_batches, encoder, items, chunks[k + 1], batch_size)
+            for idx, batch in prepared:
+                batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
+                out[idx] = cur_item_states(model, batch).float().cpu()
+    return out
+
+
+def make_encoder(backbone: Backbone, mirm, source: str, image_root: str | Path = ".") -> PromptEncoder:
+    """The encoder ``mirm`` params (``MirmParams``) describe, for data source ``source``."""
+    return PromptEncoder(
+        backbone,
+        template=prompt_template(mirm.prompts, source),
+        modalities=mirm.modalities,
+        max_text_tokens=mirm.max_text_tokens,
+        sft_max_tokens=mirm.sft_max_tokens,
+        image_root=image_root,
+    )
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+# LoRA goes on the language model's attention and MLP projections (Qwen2-VL's vision blocks name
+# theirs qkv/proj/fc1/fc2, so the vision tower stays frozen as in the paper's setting).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_BUCKET = 50  # batches whose examples are length-sorted together (less padding, still shuffled)
+
+
+class SftBatches:
+    """``batches(epoch)``: the shuffled, padded SFT micro-batches of one epoch (a pure function of epoch).
+
+    Examples are shuffled, sorted by length within buckets of ``_BUCKET`` batches (less padding),
+    cut into batches and the batches shuffled again. With several processes each takes every
+    ``world``-th batch, wrapping around so all take the same number of steps.
+    """
+
+    def __init__(
+        self,
+        encoder: PromptEncoder,
+        encoded: Sequence[Encoded],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        if not encoded:
+            raise ValueError("no SFT examples to train on; check sft.mix and sft.samples_per_task")
+        self.encoder, self.encoded, self.batch_size = encoder, list(encoded), batch_size
+        self.seed, self.rank, self.world = seed, rank, world
+        self.global_batches = -(-len(self.encoded) // batch_size)
+
+    def __len__(self) -> int:
+        return -(-self.global_batches // self.world)
+
+    def indices(self, epoch: int) -> list[list[int]]:
+        from molar.train import epoch_rng
+
+        rng = epoch_rng(self.seed, epoch)
+        order = rng.permutation(len(self.encoded)).tolist()
+        span = self.batch_size * _BUCKET
+        batches = []
+        for start in range(0, len(order), span):
+            bucket = sorted(order[start : start + span], key=lambda i: len(self.encoded[i]))
+            batches += [bucket[j : j + self.batch_size] for j in range(0, len(bucket), self.batch_size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        mine = batches[self.rank :: self.world]
+        return [*mine, *batches[: len(self) - len(mine)]]
+
+    def __call__(self, epoch: int):
+        for idx in self.indices(epoch):
+            yield self.encoder.collate([self.encoded[i] for i in idx])
+
+
+def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
+    return get_peft_model(model, config)
+
+
+def fingerprint(*parts: object) -> str:
+    """Short hash of everything that defines a run (params, seed, data, base checkpoint)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def finetune(
+    backbone: Backbone,
+    encoder: PromptEncoder,
+    examples: pl.DataFrame,
+    params,  # molar.config.MirmParams
+    seed: int,
+    state_dir: Path,
+    run_key: str,
+    on_epoch_end=None,
+):
+    """Fine-tune ``backbone.model`` on SFT ``examples`` (task, prompt, image_paths, target).
+
+    Causal-LM loss on answer tokens only; ``params.finetune`` full or lora (merged back into the
+    weights at the end, so the result is a plain transformers model); warm-up from
+    ``warmup_start_factor`` x lr, then cosine; resumable from ``state_dir`` (molar.train.fit).
+    Sets ``backbone.model`` to the trained model and returns the ``FitResult``.
+    """
+    from molar.embed_cache import process_state
+    from molar.train import LoopSettings, fit
+
+    if params.finetune not in ("full", "lora"):
+        raise ValueError(f"mirm.finetune: {params.finetune!r} does not train; nothing to fine-tune")
+    encoded = [
+        encoder.encode_sft(row["prompt"], row["image_paths"] or [], row["target"])
+        for row in examples.select("prompt", "image_paths", "target").iter_rows(named=True)
+    ]
+    state = process_state()
+    batches = SftBatches(encoder, encoded, params.batch_size, seed, state.process_index, state.num_processes)
+    model = backbone.model
+    visual = getattr(model.base_model, "visual", None)
+    if visual is not None and "image" not in params.modalities:
+        visual.requires_grad_(False)  # never used without images: no gradients, no optimizer state
+    if params.finetune == "lora":
+        model = add_lora(model, params.lora_r, params.lora_alpha, params.lora_dropout)
+    settings = LoopSettings(
+        lr=params.lr,
+        epochs=params.epochs,
+        seed=seed,
+        weight_decay=params.weight_decay,
+        warmup_ratio=params.warmup_ratio,
+        warmup_start_factor=params.warmup_start_factor,
+        grad_accum=params.grad_accum,
+        grad_clip=params.grad_clip,
+        mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[params.dtype],
+        checkpoint_every=params.checkpoint_every,
+    )
+
+    def compute_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = m(batch)
+        return loss, {"loss": loss.item()}
+
+    wrapper = SftModel(model)
+    result = fit(
+        wrapper,
+        settings,
+        batches,
+        len(batches),
+        compute_loss,
+        state_dir=state_dir,
+        run_key=run_key,
+        on_epoch_end=on_epoch_end,
+        desc="mirm",
+    )
+    trained = wrapper.model
+    if params.finetune == "lora":
+        trained = trained.merge_and_unload()
+    backbone.model = trained.eval()
+    return result

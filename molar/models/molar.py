@@ -1,0 +1,626 @@
+"""Molar: MIRM item embeddings + the DUEG user model, trained with BCE + post-alignment.
+
+The joint model (``MolarModel``) holds
+- an item side: either the catalog's cached MIRM embeddings (``CachedItems``, a frozen table
+  [n_items + 1, d_item], row 0 = padding; ``train.mirm_trainable: false``) or the MIRM model
+  itself (``MirmItems``, which embeds the items of each batch with gradients and refreshes the
+  catalog table for scoring; ``train.mirm_trainable: true``, end-to-end as in the paper);
+- DUEG (molar/models/dueg.py): the backbone's decoder over the history's item vectors, the user
+  vector is its final state at ``[User]``;
+- the alignment head: a linear map from DUEG's width to the ID model's when they differ
+  (``align.project``).
+
+Scores are ``logit_scale * cos(user, item)`` (``train.similarity: cosine``, default) or the raw
+dot product. LLM final hidden states have large, uneven norms, so raw dot products saturate the
+BCE sigmoid from the first step; the scaled cosine keeps logits in [-scale, scale] (HLLM also
+normalises). Items are ranked by the same score the loss trains.
+
+Training objective (``MolarObjective``; paper Eq. 3-5 and Appendix B):
+``L = L_bce + align.alpha * L_align``, with ``L_bce`` point-wise BCE (or ``sampled_ce``) with
+negatives uniform over the catalog minus the positive, and ``L_align`` the symmetric InfoNCE
+(cosine / tau, in-batch negatives) between DUEG user vectors and the frozen ID model's user
+vectors of the same histories. With alpha = 0 the alignment term is computed for the log only,
+under no_grad, so the gradient is exactly the BCE one. Every step logs both terms, the
+embedding spreads and the fraction of live negatives; ``CollapseError`` stops training when the
+user or item embeddings collapse (HLLM's failure, DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from molar import losses
+from molar.io import atomic_path
+from molar.models.dueg import Dueg
+
+CONFIG_FILE = "molar.json"
+WEIGHTS_FILE = "model.safetensors"
+DECODER_CONFIG_DIR = "decoder"  # the DUEG decoder's transformers config (config.json)
+LIVE_NEGATIVE = 0.01  # a negative is live while its gradient weight (sigmoid / softmax share) is above this
+
+
+class CollapseError(RuntimeError):
+    """User or item embeddings collapsed to (nearly) one direction; training cannot recover."""
+
+
+# ------------------------------------------------------------------------------ helpers
+def left_pad(histories: Sequence[Sequence[int]], max_length: int) -> torch.Tensor:
+    """[B, L] item ids: each history's last ``max_length`` items, right-aligned, 0 on the left.
+
+    The same layout as SASRec's (molar/models/sasrec.py), so both models read one batch.
+    """
+    from molar.models.sasrec import left_pad as sasrec_left_pad
+
+    return sasrec_left_pad(histories, max_length)
+
+
+def spread(vectors: torch.Tensor) -> float:
+    """Mean per-dimension standard deviation of the L2-normalised rows (0 = all rows point one way).
+
+    Scale-free, so a model that merely shrinks or grows its vectors does not trip the guard.
+    Random directions in d dimensions give about 1/sqrt(d).
+    """
+    if vectors.shape[0] < 2:
+        return float("nan")
+    return F.normalize(vectors.detach().float(), dim=-1).std(dim=0).mean().item()
+
+
+# ----------------------------------------------------------------------------- item side
+class CachedItems(nn.Module):
+    """The catalog's MIRM embeddings as a fixed table (``train.mirm_trainable: false``)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        if table.dim() != 2 or table.shape[0] < 3:
+            raise ValueError(f"item table must be [n_items + 1, d] with n_items >= 2, got {tuple(table.shape)}")
+        self.register_buffer("table", table.detach().float().clone())
+
+    @property
+    def dim(self) -> int:
+        return self.table.shape[1]
+
+    def vectors(self, *ids: torch.Tensor) -> list[torch.Tensor]:
+        """Item vectors for each id tensor (any shape) -> [..., d_item]."""
+        return [self.table[i] for i in ids]
+
+    def refresh(self) -> None:
+        """Nothing to recompute: the table is fixed."""
+
+
+class MirmItems(nn.Module):
+    """MIRM itself as the item side (``train.mirm_trainable: true``): gradients reach MIRM.
+
+    ``embed(ids [N]) -> [N, d_item]`` runs MIRM on the items' prompts with gradients (the
+    caller's module, registered here so the optimizer and the checkpoint see its weights);
+    the catalog ``table`` is recomputed without gradients by ``refresh()`` before validation
+    and scoring, and is what DUEG reads at inference.
+    """
+
+    def __init__(self, mirm: nn.Module, embed: Callable[[nn.Module, torch.Tensor], torch.Tensor], table: torch.Tensor, refresh_batch: int) -> None:
+        super().__init__()
+        self.mirm = mirm
+        self._embed = embed
+        self.refresh_batch = refresh_batch
+        self.register_buffer("table", table.detach().float().clone())
+
+    @property
+    def dim(self) -> int:
+        return self.table.shape[1]
+
+    def vectors(self, *ids: torch.Tensor) -> list[torch.Tensor]:
+        """Embed the distinct items among ``ids`` once, with gradients, and gather them per tensor."""
+        flat = torch.cat([i.reshape(-1) for i in ids])
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        real = unique[unique != 0]
+        vecs = torch.zeros(unique.shape[0], self.dim, device=flat.device)
+        if real.numel():
+            vecs = vecs.index_put((torch.nonzero(unique != 0).squeeze(1),), self._embed(self.mirm, real).float())
+        out, start = [], 0
+        for i in ids:
+            n = i.numel()
+            out.append(vecs[inverse[start : start + n]].view(*i.shape, self.dim))
+            start += n
+        return out
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        was_training = self.mirm.training
+        self.mirm.eval()
+        try:
+            ids = torch.arange(1, self.table.shape[0], device=self.table.device)
+            for start in range(0, ids.numel(), self.refresh_batch):
+                chunk = ids[start : start + self.refresh_batch]
+                self.table[chunk] = self._embed(self.mirm, chunk).float()
+        finally:
+            self.mirm.train(was_training)
+
+
+# ---------------------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class MolarConfig:
+    n_items: int
+    item_dim: int  # MIRM's embedding width
+    hidden_size: int  # DUEG's width (the scoring space)
+    id_dim: int | None  # the ID model's user-vector width (alignment target); None = no head
+    max_length: int  # history items DUEG sees (most recent)
+    similarity: str = "cosine"  # cosine | dot
+    logit_scale: float = 10.0
+    item_adapter: str = "auto"  # auto | linear (molar.models.dueg.item_adapter_for)
+
+    def __post_init__(self) -> None:
+        if self.similarity not in ("cosine", "dot"):
+            raise ValueError(f"train.similarity must be cosine or dot, got {self.similarity!r}")
+
+
+class MolarModel(nn.Module):
+    def __init__(self, config: MolarConfig, dueg: Dueg, items: CachedItems | MirmItems, align_head: nn.Module | None = None) -> None:
+        super().__init__()
+        if items.dim != config.item_dim or dueg.hidden_size != config.hidden_size:
+            raise ValueError(f"MolarConfig widths {config.item_dim}/{config.hidden_size} disagree with the modules ({items.dim}/{dueg.hidden_size})")
+        if items.table.shape[0] != config.n_items + 1:
+            raise ValueError(f"item table has {items.table.shape[0]} rows, expected n_items + 1 = {config.n_items + 1}")
+        self.config = config
+        self.dueg = dueg
+        self.items = items
+        self.align_head = align_head if align_head is not None else nn.Identity()
+
+    # --------------------------------------------------------------- embeddings
+    def encode(self, padded: torch.Tensor, item_vectors: torch.Tensor, user_columns: torch.Tensor) -> torch.Tensor:
+        """User vectors [B, U, hidden] after ``user_columns`` of left-padded histories [B, L].
+
+        ``item_vectors`` [B, L, d_item] are the histories' MIRM item vectors (any value at padding).
+        """
+        return self.dueg(self.dueg.project_items(item_vectors), padded != 0, user_columns)
+
+    def catalog_vectors(self) -> torch.Tensor:
+        """Every item in the scoring space [n_items + 1, hidden] (row 0 = padding, never ranked)."""
+        return self.dueg.project_items(self.items.table)
+
+    def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores of users [..., d] against items [..., d] (broadcast, last dim reduced)."""
+        if self.config.similarity == "cosine":
+            users, items = F.normalize(users, dim=-1), F.normalize(items, dim=-1)
+            return self.config.logit_scale * (users * items).sum(-1)
+        return (users * items).sum(-1)
+
+    def user_vectors(self, histories: Sequence[Sequence[int]], batch_size: int = 256) -> torch.Tensor:
+        """The user vector after each whole history [B, hidden] (inference: table item vectors).
+
+        Runs ``batch_size`` histories per decoder pass, so memory stays bounded for any B.
+        """
+        device = self.items.table.device
+        parts = []
+        for start in range(0, len(histories), batch_size):
+            padded = left_pad(histories[start : start + batch_size], self.config.max_length).to(device)
+            last = torch.tensor([padded.shape[1] - 1], device=device)
+            parts.append(self.encode(padded, self.items.table[padded], last)[:, 0])
+        if not parts:
+            return torch.zeros(0, self.config.hidden_size, device=device)
+        return torch.cat(parts)
+
+    def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Scores of every item for each history [B, n_items + 1] (column 0 = padding)."""
+        users = self.user_vectors(histories)
+        catalog = self.catalog_vectors()
+        if self.config.similarity == "cosine":
+            return self.config.logit_scale * F.normalize(users, dim=-1) @ F.normalize(catalog, dim=-1).T
+        return users @ catalog.T
+
+    # -------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
+        """``molar.json`` + ``model.safetensors`` (DUEG, heads, the catalog item table) + the
+        decoder's transformers config, written atomically as one directory. MIRM's own weights
+        (end-to-end mode) and a co-trained ID model are not part of it: scoring needs only DUEG and the
+        refreshed item table."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(("items.mirm.", "id_model."))}
+        meta = {"model": "molar", **asdict(self.config), "decoder_class": type(self.dueg.decoder).__name__, **(extra or {})}
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            self.dueg.decoder.config.save_pretrained(tmp / DECODER_CONFIG_DIR)
+            save_file(state, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "MolarModel":
+        from transformers import AutoConfig, AutoModel
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not config_path.exists() or not weights_path.exists():
+            raise FileNotFoundError(f"{directory}: no Molar checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE}); run `molar train-molar` first")
+        meta = json.loads(config_path.read_text())
+        if meta.get("model") != "molar":
+            raise ValueError(f"{config_path}: not a Molar checkpoint")
+        config = MolarConfig(**{k: meta[k] for k in MolarConfig.__dataclass_fields__})
+        decoder_config = AutoConfig.from_pretrained(directory / DECODER_CONFIG_DIR, local_files_only=True)
+        decoder = AutoModel.from_config(decoder_config, attn_implementation="sdpa")
+        state = load_file(str(weights_path), device="cpu")
+        items = CachedItems(state["items.table"])
+        dueg = Dueg(decoder, config.item_dim, item_adapter=config.item_adapter)
+        model = cls(config, dueg, items, align_head_for(config.hidden_size, config.id_dim, project=True))
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+
+def build_model(
+    decoder: nn.Module,
+    items: CachedItems | MirmItems,
+    params,  # molar.config.Params (train, align, dueg sections are read)
+    id_dim: int | None,
+    user_embedding: torch.Tensor | None = None,
+) -> MolarModel:
+    """DUEG on ``decoder`` (its first ``dueg.layers`` blocks) + the item side + the alignment head."""
+    from molar.models.dueg import keep_first_layers
+
+    t = params.train
+    decoder = keep_first_layers(decoder, params.dueg.layers)
+    table = items.table
+    dueg = Dueg(decoder, table.shape[1], user_embedding, item_adapter=params.dueg.item_adapter, item_mean=table[1:].mean(0))
+    config = MolarConfig(
+        n_items=table.shape[0] - 1, item_dim=table.shape[1], hidden_size=dueg.hidden_size, id_dim=id_dim,
+        max_length=t.max_length, similarity=t.similarity, logit_scale=t.logit_scale, item_adapter=params.dueg.item_adapter,
+    )
+    return MolarModel(config, dueg, items, align_head_for(dueg.hidden_size, id_dim, params.align.project))
+
+
+def align_head_for(hidden_size: int, id_dim: int | None, project: bool) -> nn.Module:
+    """Identity when DUEG and the ID model agree on the width, else a learned linear map."""
+    if id_dim is None or id_dim == hidden_size:
+        return nn.Identity()
+    if not project:
+        raise ValueError(
+            f"DUEG user vectors have {hidden_size} dims, the ID model's have {id_dim}: set align.project: true "
+            "to learn a linear projection, or give the ID model the same width"
+        )
+    return nn.Linear(hidden_size, id_dim, bias=False)
+
+
+def load_scorer(model_or_dir: MolarModel | str | Path, device: str | torch.device | None = None) -> Callable[[list[list[int]]], torch.Tensor]:
+    """``score_fn(histories) -> [B, n_items + 1]`` for ``molar.evaluate.evaluate_scorer`` (eval mode, no grad)."""
+    model = model_or_dir if isinstance(model_or_dir, MolarModel) else MolarModel.from_pretrained(model_or_dir, device or "cpu")
+    if device is not None:
+        model = model.to(device)
+
+    def score_fn(histories: list[list[int]]) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return model.score(histories).float().cpu()
+        finally:
+            model.train(was_training)
+
+    return score_fn
+
+
+# ---------------------------------------------------------------------------- objective
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    n_items: int
+    loss: str = "bce"  # bce | sampled_ce
+    num_negatives: int = 1
+    all_positions: bool = True
+    alpha: float = 0.1
+    tau: float = 0.1
+    align_positions: str = "last"  # last | all
+    collapse_std: float = 1e-4
+
+
+class MolarObjective:
+    """``compute_loss(model, batch) -> (loss, logs)`` for ``molar.train.fit``.
+
+    ``batch``: ``{"inputs": [B, L], "targets": [B, L]}`` left-padded next-item pairs (SASRec's
+    layout), plus ``"step"`` (an int, the micro-batch's global index) for the per-step log.
+    ``id_model``: the ID model (``SequentialRecommender``) whose user vectors DUEG is aligned to;
+    frozen (kept in eval mode, never a submodule of ``MolarModel``) unless ``co_train``, in which
+    case it is ``model.id_model`` and also gets its own next-item loss (``id_loss``).
+    ``on_step(step, logs)`` receives every micro-batch's logs (e.g. ``StepLog.append``).
+    """
+
+    def __init__(
+        self,
+        settings: ObjectiveSettings,
+        id_model: nn.Module | None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        co_train: bool = False,
+        id_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if settings.loss not in ("bce", "sampled_ce"):
+            raise ValueError(f"train.loss must be bce or sampled_ce, got {settings.loss!r}")
+        if settings.align_positions not in ("last", "all"):
+            raise ValueError(f"align.positions must be last or all, got {settings.align_positions!r}")
+        if settings.alpha > 0 and id_model is None and not co_train:
+            raise ValueError("align.alpha > 0 needs an ID model to align to")
+        if co_train and id_loss is None:
+            raise ValueError("co-training the ID model needs its own next-item loss (id_loss)")
+        self.settings = settings
+        self.frozen_id_model = None if co_train else id_model
+        if self.frozen_id_model is not None:
+            self.frozen_id_model.eval().requires_grad_(False)
+        self.co_train = co_train
+        self.id_loss = id_loss
+        self.on_step = on_step
+
+    def _id_model(self, model: MolarModel) -> nn.Module | None:
+        if self.co_train:
+            return model.id_model
+        if self.frozen_id_model is not None:
+            device = model.items.table.device
+            if next(self.frozen_id_model.parameters()).device != device:
+                self.frozen_id_model.to(device)
+        return self.frozen_id_model
+
+    def __call__(self, model: MolarModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.settings
+        inputs, targets = batch["inputs"], batch["targets"]
+        b, length = inputs.shape
+        device = inputs.device
+        if s.all_positions:
+            columns = torch.arange(length, device=device)
+        else:
+            columns = torch.tensor([length - 1], device=device)
+        col_targets = targets[:, columns]  # [B, U]
+        keep = col_targets != 0
+        pos = col_targets[keep]  # [P]
+        if pos.numel() == 0:
+            raise ValueError("a training batch has no next-item target: every sequence needs at least 2 items")
+
+        # negatives first: in end-to-end mode MIRM embeds inputs, positives and negatives in one pass
+        if s.loss == "bce":
+            neg = losses.uniform_negatives(pos, s.n_items, s.num_negatives)  # [P, k]
+        else:
+            k = min(s.num_negatives, s.n_items)
+            neg = (torch.randperm(s.n_items, device=device)[:k] + 1).unsqueeze(0)  # [1, k] shared by the batch
+        hist_vecs, pos_vecs, neg_vecs = model.items.vectors(inputs, pos, neg)
+
+        users_all = model.encode(inputs, hist_vecs, columns)  # [B, U, hidden]
+        users = users_all[keep]  # [P, hidden]
+        pos_items = model.dueg.project_items(pos_vecs)  # [P, hidden]
+        neg_items = model.dueg.project_items(neg_vecs)  # [P or 1, k, hidden]
+        pos_logit = model.logits(users, pos_items)  # [P]
+        neg_logit = model.logits(users.unsqueeze(1), neg_items)  # [P, k]
+        if s.loss == "bce":
+            rec_loss = losses.pointwise_bce(pos_logit, neg_logit)
+            live = (torch.sigmoid(neg_logit.detach().float()) > LIVE_NEGATIVE).float().mean().item()
+        else:
+            same = neg == pos.unsqueeze(1)  # [P, k]
+            rec_loss = losses.sampled_softmax_ce(pos_logit, neg_logit, same)
+            share = torch.softmax(torch.cat([pos_logit.unsqueeze(1), neg_logit.masked_fill(same, float("-inf"))], 1).detach().float(), 1)[:, 1:]
+            live = (share > LIVE_NEGATIVE / (neg_logit.shape[1] + 1)).float().mean().item()
+
+        loss = rec_loss
+        logs: dict[str, float] = {}
+        id_model = self._id_model(model)
+        if id_model is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and s.alpha > 0):
+                align_loss = self._align(model, id_model, inputs, users_all, columns, keep)
+            if s.alpha > 0:
+                loss = loss + s.alpha * align_loss
+            logs["align"] = align_loss.item()
+        if self.co_train:
+            id_loss = self.id_loss(id_model, inputs, targets)
+            loss = loss + id_loss
+            logs["id_loss"] = id_loss.item()
+
+        item_vecs = torch.cat([pos_items.detach(), neg_items.detach().reshape(-1, pos_items.shape[-1])])
+        logs = {"loss": loss.item(), "bce" if s.loss == "bce" else "sampled_ce": rec_loss.item(), **logs}
+        logs.update({"user_std": spread(users), "item_std": spread(item_vecs), "live_negatives": live})
+        if self.on_step is not None:
+            self.on_step(int(batch.get("step", -1)), logs)
+        for name in ("user_std", "item_std"):
+            if logs[name] < s.collapse_std:
+                raise CollapseError(
+                    f"train-molar: {name.split('_')[0]} embeddings collapsed at step {batch.get('step')}: their spread "
+                    f"(mean per-dimension std of the normalised vectors) is {logs[name]:.2e} < train.collapse_std "
+                    f"{s.collapse_std:g} (random directions give ~{1 / math.sqrt(users.shape[-1]):.2g}). "
+                    "Lower train.lr, use train.similarity: cosine, or lower align.alpha; the per-step log is in "
+                    "metrics/molar_train/steps.csv"
+                )
+        return loss, logs
+
+    def _align(self, model, id_model, inputs, users_all, columns, keep) -> torch.Tensor:
+        """Symmetric InfoNCE between DUEG and ID-model user vectors of the same (prefix) histories."""
+        id_length = int(getattr(id_model, "max_length", inputs.shape[1]))
+        if self.settings.align_positions == "last":
+            ours = users_all[:, -1]  # [B, hidden]: the whole history (the last column is always real)
+            theirs = id_model.encode(inputs[:, -id_length:])[:, -1]
+        else:
+            if inputs.shape[1] > id_length:
+                raise ValueError(
+                    f"align.positions: all needs train.max_length ({inputs.shape[1]}) <= the ID model's max_length "
+                    f"({id_length}) so both models see the same prefixes"
+                )
+            ours = users_all[keep]
+            theirs = id_model.encode(inputs)[:, columns][keep]
+        return losses.symmetric_info_nce(model.align_head(ours), theirs, self.settings.tau)
+
+
+# ------------------------------------------------------------------------------ batches
+class MolarBatches:
+    """Epoch ``e``'s batches as dicts for ``fit``: SASRec's next-item pairs + a global step index.
+
+    ``pairs(epoch)`` yields ``(inputs, targets)`` (e.g. ``molar.models.sasrec.NextItemBatches``);
+    the step index (epoch * batches_per_epoch + i) keys the per-step log so that a resumed run
+    overwrites, rather than duplicates, the steps it replays.
+    """
+
+    def __init__(self, pairs: Callable[[int], object], batches_per_epoch: int) -> None:
+        self.pairs = pairs
+        self.batches_per_epoch = batches_per_epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __call__(self, epoch: int):
+        for i, (inputs, targets) in enumerate(self.pairs(epoch)):
+            yield {"inputs": inputs, "targets": targets, "step": epoch * self.batches_per_epoch + i}
+
+
+class StepLog:
+    """Per-step training log that survives resume: ``state_dir/steps-<run_key>.csv``, appended per
+    micro-batch; a replayed step (after a resume) overwrites its earlier row when read back."""
+
+    FIELDS = ("step", "loss", "bce", "sampled_ce", "align", "id_loss", "user_std", "item_std", "live_negatives")
+
+    def __init__(self, state_dir: str | Path, run_key: str) -> None:
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / f"steps-{run_key}.csv"
+        for old in state_dir.glob("steps-*.csv"):  # logs of runs with other params
+            if old != self.path:
+                old.unlink()
+        if not self.path.exists():
+            self.path.write_text(",".join(self.FIELDS) + "\n")
+
+    def append(self, step: int, logs: dict[str, float]) -> None:
+        row = [str(step)] + [f"{logs[k]:.6g}" if k in logs else "" for k in self.FIELDS[1:]]
+        with self.path.open("a") as f:
+            f.write(",".join(row) + "\n")
+
+    def rows(self) -> list[dict[str, str]]:
+        """One row per step, last write wins, in step order; columns nobody logged are dropped."""
+        with self.path.open() as f:
+            by_step = {int(r["step"]): r for r in csv.DictReader(f) if r.get("step") not in (None, "")}
+        rows = [by_step[k] for k in sorted(by_step)]
+        used = [k for k in self.FIELDS if any(r.get(k) for r in rows)]
+        return [{k: r[k] for k in used} for r in rows]
+
+
+def rows_to_csv(rows: list[dict], path: str | Path) -> None:
+    """Write dict rows as CSV atomically (plot data for dvc)."""
+    with atomic_path(path) as tmp:
+        if not rows:
+            tmp.write_text("")
+            return
+        fields = list(rows[0])
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+
+def fingerprint(*parts: object) -> str:
+    """A short hash of what defines a run: params (as JSON), tensors and arrays (their values)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(part.detach().cpu().contiguous().float().numpy().tobytes())
+        elif isinstance(part, np.ndarray):
+            h.update(part.tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- training
+def _checkpoint_activations(module: nn.Module) -> None:
+    """Recompute a transformers model's layer activations in the backward pass (``train.gradient_checkpointing``)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def train_molar(
+    model: MolarModel,
+    train: Sequence[Sequence[int]],
+    valid_histories: Sequence[Sequence[int]],
+    valid_targets: Sequence[int],
+    params,  # molar.config.Params (train, align, sasrec sections are read)
+    id_model: nn.Module | None,
+    state_dir: str | Path,
+    run_key: str,
+    mask_history: bool = True,
+    eval_chunk_size: int = 1024,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    desc: str = "molar",
+):
+    """Train DUEG (+ MIRM end to end, + the alignment head) with ``L_bce + alpha * L_align``.
+
+    Resumable through ``molar.train.fit`` (state in ``state_dir``, keyed by ``run_key``, which
+    must cover everything that defines the run); selects the epoch by validation NDCG@10.
+    Returns ``(FitResult, StepLog)``; the model is left holding the selected weights with its
+    catalog item table refreshed.
+    """
+    from molar.evaluate import evaluate_scorer
+    from molar.models.sasrec import NextItemBatches
+    from molar.train import LoopSettings, fit
+
+    t, a = params.train, params.align
+    if a.train_id_model and id_model is None:
+        raise ValueError("align.train_id_model: true needs the ID model (data/models/sasrec)")
+    if t.gradient_checkpointing:
+        # non-reentrant checkpointing works with inputs_embeds that need no gradient
+        _checkpoint_activations(model.dueg.decoder)
+        if isinstance(model.items, MirmItems):
+            _checkpoint_activations(getattr(model.items.mirm, "model", model.items.mirm))
+
+    pairs = NextItemBatches(train, t.max_length, t.batch_size, params.seed)
+    batches = MolarBatches(pairs, len(pairs))
+    step_log = StepLog(state_dir, run_key)
+    id_loss = None
+    if a.train_id_model:
+        model.id_model = id_model.train().requires_grad_(True)  # a submodule: optimised and checkpointed
+        length = int(id_model.max_length)
+        s = params.sasrec
+
+        def id_loss(m: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return losses.next_item_loss(s.loss, m.encode(inputs[:, -length:]), targets[:, -length:], m.item_embeddings(), s.num_negatives)
+
+    objective = MolarObjective(
+        ObjectiveSettings(
+            n_items=model.config.n_items,
+            loss=t.loss,
+            num_negatives=t.num_negatives,
+            all_positions=t.all_positions,
+            alpha=a.alpha,
+            tau=a.tau,
+            align_positions=a.positions,
+            collapse_std=t.collapse_std,
+        ),
+        id_model=id_model,
+        on_step=step_log.append,
+        co_train=a.train_id_model,
+        id_loss=id_loss,
+    )
+
+    def validate(m: MolarModel) -> dict[str, float]:
+        m.items.refresh()
+        return evaluate_scorer(
+            load_scorer(m), list(valid_histories), list(valid_targets), m.config.n_items,
+            ks=(10,), mask_history=mask_history, chunk_size=eval_chunk_size, progress=False,
+        )
+
+    settings = LoopSettings(
+        lr=t.lr,
+        epochs=t.epochs,
+        seed=params.seed,
+        weight_decay=t.weight_decay,
+        warmup_ratio=t.warmup_ratio,
+        grad_accum=t.grad_accum,
+        grad_clip=t.grad_clip,
+        mixed_precision=t.mixed_precision,
+        patience=t.patience,
+        checkpoint_every=t.checkpoint_every,
+    )
+    result = fit(
+        model, settings, batches, len(batches), objective, state_dir=state_dir, run_key=run_key,
+        validate=validate, select_metric="ndcg@10", on_epoch_end=on_epoch_end, desc=desc,
+    )
+    if a.train_id_model:
+        model.id_model.eval()
+    return result, step_log

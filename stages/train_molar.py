@@ -1,0 +1,146 @@
+"""Train Molar: DUEG over MIRM item embeddings, with BCE + align.alpha x InfoNCE post-alignment to SASRec.
+
+Reads the split, MIRM (data/models/mirm/ and its catalog cache data/models/mirm-items.safetensors)
+and the frozen SASRec (data/models/sasrec/). train.mirm_trainable: false (default) trains DUEG on
+the cached item embeddings; true back-propagates into MIRM for the items of each batch. Selects the
+epoch by validation NDCG@10 and saves data/models/molar/ (what `molar evaluate` and `molar
+recommend` load). Resumable: killed and rerun, it continues from data/state/train-molar/ (changed
+params, data or upstream models start fresh). Curves for `dvc plots show`:
+metrics/molar_train/epochs.csv and metrics/molar_train/steps.csv (both loss terms, embedding
+spreads, live negatives per step); summary in metrics/molar_train/summary.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import typer
+
+from molar.io import METRICS, MODELS, PROCESSED, STATE, write_json
+from stages.common import PARAMS_OPTION, read_params, user_errors
+
+MODEL_DIR = MODELS / "molar"
+SASREC_DIR = MODELS / "sasrec"
+STATE_DIR = STATE / "train-molar"
+CURVES = METRICS / "molar_train"
+EPOCH_COLUMNS = ("epoch", "loss", "bce", "sampled_ce", "align", "id_loss", "user_std", "item_std", "live_negatives",
+                 "valid_ndcg@10", "valid_recall@10", "lr", "seconds")
+
+
+def epoch_rows(history: list[dict]) -> list[dict]:
+    used = [c for c in EPOCH_COLUMNS if any(c in r for r in history)]
+    return [{c: (int(r[c]) if c == "epoch" else f"{r[c]:.6g}") if c in r else "" for c in used} for r in history]
+
+
+def main(params: Path = PARAMS_OPTION) -> None:
+    import polars as pl
+    import torch
+
+    from molar.backbones import load_backbone
+    from molar.data.split import load_split
+    from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
+    from molar.models import molar as M
+    from molar.models.dueg import decoder_of, user_embedding_of
+    from molar.models.mirm import ItemEmbedder, backbone_corpus, item_texts, make_encoder
+    from molar.models.sasrec import SASRec, sequences_fingerprint
+    from stages.train_mirm import ITEM_EMBEDDINGS, MIRM_DIR
+
+    cfg = read_params(params)
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    t, mirm = cfg.train, cfg.mirm
+    with user_errors():
+        split = load_split(PROCESSED)
+        items = pl.read_parquet(PROCESSED / "items.parquet").sort("item_idx")
+        sasrec = SASRec.from_pretrained(SASREC_DIR)
+        if not (MIRM_DIR / "config.json").exists():
+            raise FileNotFoundError(f"{MIRM_DIR}: no MIRM checkpoint; run `molar train-mirm` first")
+        load = dict(modalities=mirm.modalities, image_min_pixels=mirm.image_min_pixels,
+                    image_max_pixels=mirm.image_max_pixels, trust_remote_code=mirm.trust_remote_code)
+        # end to end, MIRM trains in float32 master weights (mixed precision comes from the loop)
+        mirm_bb = load_backbone(MIRM_DIR, dtype="float32" if t.mirm_trainable else mirm.dtype, **load)
+        encoder = make_encoder(mirm_bb, mirm, cfg.data.source)
+        table = cached_catalog_embeddings(ITEM_EMBEDDINGS, mirm_bb, encoder, items, mirm.embed_batch_size, mirm.dtype)
+        if table.shape[0] != split.n_items + 1:
+            raise ValueError(f"{ITEM_EMBEDDINGS}: {table.shape[0] - 1} items, the split has {split.n_items}; rerun `dvc repro`")
+
+        # DUEG: the decoder of the base backbone or of the fine-tuned MIRM, a copy of its own
+        if cfg.dueg.init == "base":
+            source = load_backbone(mirm.backbone, corpus=backbone_corpus(items), dtype="float32", **load)
+        else:
+            source = mirm_bb
+        decoder = decoder_of(source.model)
+        user_embedding = user_embedding_of(source.model, source.tokenizer)
+        if cfg.dueg.init == "mirm" and t.mirm_trainable:
+            decoder = copy.deepcopy(decoder)  # MIRM keeps training its own weights
+        decoder = decoder.float()
+        dueg_key = checkpoint_key(source.directory)
+        mirm_key = checkpoint_key(MIRM_DIR) if t.mirm_trainable else None
+
+        if t.mirm_trainable:
+            encoded = encoder.encode_items(item_texts(items))  # prompt i-1 is item_idx i
+
+            def embed(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+                batch = encoder.collate([encoded[int(i) - 1] for i in ids.tolist()])
+                return module({k: v.to(ids.device) for k, v in batch.items()})
+
+            item_side: torch.nn.Module = M.MirmItems(ItemEmbedder(mirm_bb.model), embed, table, mirm.embed_batch_size)
+        else:
+            item_side = M.CachedItems(table)
+            del mirm_bb  # only the table is needed from here on
+        if cfg.dueg.init == "base":
+            del source
+
+        model = M.build_model(decoder, item_side, cfg, id_dim=int(sasrec.config.hidden_size), user_embedding=user_embedding)
+        run_key = M.fingerprint(
+            "molar", cfg.section_dict("train"), cfg.section_dict("align"), cfg.section_dict("dueg"), cfg.seed,
+            cfg.eval.mask_history, M.fingerprint(table), dueg_key, mirm_key, checkpoint_key(SASREC_DIR),
+            sequences_fingerprint(split.train), sequences_fingerprint(split.valid.histories), split.valid.targets,
+        )
+
+        def on_epoch_end(epoch: int, record: dict) -> None:
+            M.rows_to_csv(epoch_rows(result_history + [record]), CURVES / "epochs.csv")
+            result_history.append(record)
+
+        result_history: list[dict] = []
+        try:
+            result, step_log = M.train_molar(
+                model, split.train, split.valid.histories, split.valid.targets, cfg, sasrec,
+                state_dir=STATE_DIR, run_key=run_key, mask_history=cfg.eval.mask_history,
+                eval_chunk_size=cfg.eval.user_chunk_size, on_epoch_end=on_epoch_end,
+            )
+        except M.CollapseError as err:
+            raise ValueError(str(err)) from None
+
+    extra = {"mirm_trainable": t.mirm_trainable, "dueg_init": cfg.dueg.init, "backbone": mirm.backbone, "run_key": run_key}
+    model.save_pretrained(MODEL_DIR, extra=extra)
+    if cfg.align.train_id_model:
+        model.id_model.save_pretrained(MODEL_DIR / "id_model")  # the co-trained SASRec, beside DUEG
+    M.rows_to_csv(epoch_rows(result.history), CURVES / "epochs.csv")
+    M.rows_to_csv(step_log.rows(), CURVES / "steps.csv")
+    best = next(r for r in result.history if r["epoch"] == result.best_epoch)
+    trained_sequences = sum(1 for s in split.train if len(s) >= 2) * len(result.history)
+    summary = {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "steps": result.steps,
+        "resumed": result.resumed,
+        "train_loss": round(best["loss"], 6),
+        "train_bce": round(best.get("bce", best.get("sampled_ce", float("nan"))), 6),
+        "train_align": round(best["align"], 6) if "align" in best else None,
+        "valid_ndcg@10": round(result.best_metric, 6),
+        "valid_recall@10": round(best["valid_recall@10"], 6),
+        "train_seconds": round(sum(r["seconds"] for r in result.history), 2),
+    }
+    if not result.resumed:  # a replayed or partly replayed run has no honest throughput
+        # training sequences per second of training (validation and checkpoints not counted)
+        summary["sequences_per_second"] = round(trained_sequences / max(summary["train_seconds"], 1e-9), 2)
+    summary["stage_seconds"] = round(time.perf_counter() - started, 1)
+    write_json(summary, CURVES / "summary.json")
+    typer.echo(
+        f"train-molar: best epoch {result.best_epoch}/{len(result.history)} (valid NDCG@10 {result.best_metric:.4f}, "
+        f"alpha {cfg.align.alpha}, {'end-to-end' if t.mirm_trainable else 'cached items'}) -> {MODEL_DIR}/"
+    )

@@ -1,0 +1,115 @@
+"""DUEG: every prefix's [User] state in one pass equals the single-[User] pass on that prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel, LlamaConfig, Qwen2VLTextConfig
+
+from molar.models.dueg import Dueg, decoder_of, prefix_user_layout
+
+
+def tiny_decoder(kind: str, attn: str = "sdpa", hidden: int = 32, seed: int = 0):
+    """A random 2-layer decoder of the two families DUEG runs on (Qwen2-VL text model, Llama/SmolLM2)."""
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=11, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if kind == "qwen2vl":
+        # M-RoPE sections must sum to head_dim / 2 = 32 / 4 / 2 = 4
+        config = Qwen2VLTextConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    else:
+        config = LlamaConfig(**common)
+    torch.manual_seed(seed)
+    return AutoModel.from_config(config, attn_implementation=attn).eval()
+
+
+def left_padded(lengths: list[int], width: int) -> torch.Tensor:
+    real = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        real[row, width - n :] = True
+    return real
+
+
+@pytest.mark.parametrize("kind", ["qwen2vl", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_all_prefix_users_equal_separate_single_user_passes(kind: str, attn: str) -> None:
+    dueg = Dueg(tiny_decoder(kind, attn), item_dim=32).eval()
+    torch.manual_seed(1)
+    width, lengths = 5, [5, 3, 1]
+    items = torch.randn(len(lengths), width, 32)
+    real = left_padded(lengths, width)
+    with torch.no_grad():
+        every = dueg(items, real, torch.arange(width))  # [B, L, d]
+        for row, n in enumerate(lengths):
+            for t in range(1, n + 1):
+                col = width - n + t - 1
+                prefix = items[row : row + 1, width - n : col + 1]  # the first t real items, no padding
+                alone = dueg(prefix, torch.ones(1, t, dtype=torch.bool), torch.tensor([t - 1]))
+                torch.testing.assert_close(every[row, col], alone[0, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_and_batch_company_do_not_change_a_user_vector() -> None:
+    dueg = Dueg(tiny_decoder("qwen2vl"), item_dim=32).eval()
+    torch.manual_seed(2)
+    history = torch.randn(1, 4, 32)
+    with torch.no_grad():
+        alone = dueg(history, torch.ones(1, 4, dtype=torch.bool), torch.tensor([3]))[0, 0]
+        padded = torch.cat([torch.randn(1, 3, 32), history], dim=1)  # junk in the padding columns
+        other = torch.randn(1, 7, 32)
+        batch = torch.cat([padded, other])
+        real = torch.cat([left_padded([4], 7), torch.ones(1, 7, dtype=torch.bool)])
+        in_batch = dueg(batch, real, torch.tensor([6]))[0, 0]
+    torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_user_vector_depends_on_order_and_on_the_user_token() -> None:
+    dueg = Dueg(tiny_decoder("llama"), item_dim=32).eval()
+    torch.manual_seed(3)
+    h = torch.randn(1, 4, 32)
+    ones, last = torch.ones(1, 4, dtype=torch.bool), torch.tensor([3])
+    with torch.no_grad():
+        a = dueg(h, ones, last)
+        b = dueg(h.flip(1), ones, last)
+        dueg.user_token.add_(1.0)
+        c = dueg(h, ones, last)
+    assert not torch.allclose(a, b, atol=1e-4), "a causal decoder with positions must see the order"
+    assert not torch.allclose(a, c, atol=1e-4), "the [User] embedding must matter"
+
+
+def test_layout_masks_and_positions_by_hand() -> None:
+    # one row, columns [pad, i1, i2]; Users after columns 1 and 2
+    real = torch.tensor([[False, True, True]])
+    allowed, positions = prefix_user_layout(real, torch.tensor([1, 2]))
+    # tokens: 0 pad, 1 i1, 2 i2, 3 U(after i1), 4 U(after i2)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],  # padding sees itself only
+            [0, 1, 0, 0, 0],  # i1
+            [0, 1, 1, 0, 0],  # i2 sees i1, i2, never a User
+            [0, 1, 0, 1, 0],  # U1 sees i1 and itself
+            [0, 1, 1, 0, 1],  # U2 sees i1, i2 and itself
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed[0], expected)
+    assert positions.tolist() == [[0, 0, 1, 1, 2]]  # U after t items sits at position t
+
+
+def test_no_word_embeddings_and_projection_when_widths_differ() -> None:
+    decoder = tiny_decoder("qwen2vl")
+    dueg = Dueg(decoder, item_dim=16)
+    assert decoder.get_input_embeddings().weight.shape == (1, 32) and decoder.config.vocab_size == 1
+    assert isinstance(dueg.item_proj, torch.nn.Linear) and dueg.item_proj.in_features == 16
+    assert isinstance(Dueg(tiny_decoder("llama"), item_dim=32).item_proj, torch.nn.Identity)
+    out = dueg(dueg.project_items(torch.randn(2, 3, 16)), torch.ones(2, 3, dtype=torch.bool), torch.arange(3))
+    assert out.shape == (2, 3, 32)
+
+
+def test_rejects_attention_without_4d_masks_and_finds_decoders() -> None:
+    decoder = tiny_decoder("llama")
+    decoder.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa or eager"):
+        Dueg(decoder, item_dim=32)
+    from transformers import LlamaForCausalLM
+
+    lm = LlamaForCausalLM(tiny_decoder("llama").config)
+    assert decoder_of(lm) is lm.model
