@@ -10,7 +10,8 @@ posters (``posters/<MovieID>.jpg``) for Qwen2-VL backbones.
 
 - real: ``molar.models.mirm.embed_items`` from item texts to the [n, d] table: chunking by
   estimated length, tokenising, sorting, padding, reading and resizing images, the forward passes
-  and the [Cur_Item] gather, all timed (its worker thread prepares chunk k + 1 during chunk k).
+  and the [Cur_Item] gather, all timed (on CPU it prepares each chunk in turn; on an accelerator
+  a worker thread prepares chunk k + 1 while the model runs chunk k).
 - bare: the same model's forward pass (``model.base_model(**batch)``) over the very batches the
   real path builds, tokenised, padded and image-processed beforehand (untimed).
 

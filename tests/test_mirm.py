@@ -44,6 +44,7 @@ def images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("images")
     for name, size, colour in [("sq.png", (56, 56), "red"), ("wide.png", (84, 56), "blue"), ("big.png", (280, 280), "green")]:
         Image.new("RGB", size, colour).save(root / name)
+    Image.new("RGB", (300, 450), "purple").save(root / "poster.jpg", quality=90)  # decoded in draft mode
     return root
 
 
@@ -90,6 +91,15 @@ def test_item_prompt_layout(backbone, images):
     # empty fields drop their whole line
     assert "Description" not in backbone.tokenizer.decode(lamp.input_ids)
     assert "Attributes" not in backbone.tokenizer.decode(watch.input_ids)
+
+
+def test_images_are_resized_to_the_pixel_budget(backbone, images):
+    enc = encoder(backbone, images)
+    img = enc.load_image("poster.jpg")  # 300x450 -> 28x56 within 56*56 pixels (aspect kept, multiples of 28)
+    assert img.size == (28, 56) and img.mode == "RGB"
+    assert enc.image_token_count("poster.jpg") == 2
+    batch = enc.collate(enc.encode_items([ItemText("Poster", "", "", "poster.jpg")]))
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 2]] and batch["pixel_values"].shape[0] == 8
 
 
 def test_truncation_cuts_text_never_the_image(backbone, images):

@@ -168,16 +168,40 @@ class PromptEncoder:
     def _image_file(self, path: str) -> Path:
         return self.image_root / path
 
+    def _target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the image processor resizes to: aspect kept, sides in multiples of
+        patch x merge, pixel count within the budget (Qwen2-VL's smart_resize)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.backbone.image_processor
+        h, w = smart_resize(height, width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"])
+        return w, h
+
     def image_token_count(self, path: str) -> int:
         """Pad tokens the image at ``path`` becomes after resizing to the pixel budget (header read only)."""
         if path not in self._image_token_cache:
             from PIL import Image
 
             with Image.open(self._image_file(path)) as img:
-                width, height = img.size
-            patches = self.backbone.image_processor.get_number_of_image_patches(height, width, {})
+                w, h = self._target_size(*img.size)
+            patches = (h // self.backbone.image_processor.patch_size) * (w // self.backbone.image_processor.patch_size)
             self._image_token_cache[path] = patches // self.backbone.merge_size**2
         return self._image_token_cache[path]
+
+    def load_image(self, path: str):
+        """The image at ``path`` as RGB, already at the processor's target size.
+
+        JPEGs are decoded at a reduced scale when the budget is small (``draft``: several times
+        faster than a full decode), then resized to the exact target, so the processor's own resize
+        is a no-op and the token count is the one ``image_token_count`` promised.
+        """
+        from PIL import Image
+
+        with Image.open(self._image_file(path)) as img:
+            target = self._target_size(*img.size)
+            img.draft("RGB", target)
+            rgb = img.convert("RGB")
+        return rgb if rgb.size == target else rgb.resize(target, Image.Resampling.BICUBIC)
 
     def _image_span(self, n_tokens: int) -> list[int]:
         s = self.special
@@ -317,12 +341,7 @@ class PromptEncoder:
         return out
 
     def _pixels(self, paths: list[str], expected: list[int]) -> dict[str, torch.Tensor]:
-        from PIL import Image
-
-        images = []
-        for p in paths:
-            with Image.open(self._image_file(p)) as img:
-                images.append(img.convert("RGB"))
+        images = [self.load_image(p) for p in paths]
         processed = self.backbone.image_processor(images=images, return_tensors="pt")
         grid = processed["image_grid_thw"]
         got = (grid.prod(-1) // self.backbone.merge_size**2).tolist()
@@ -445,9 +464,9 @@ def embed_items(
     """Item embeddings [len(items), hidden_size] (float32, CPU), in the order of ``items``.
 
     ``chunks``: index groups to run (default ``item_chunks``); rows outside every chunk stay zero
-    (how a catalog is sharded across processes). A worker thread tokenises, sorts, pads and
-    image-processes chunk k + 1 while the model runs on chunk k (tokenizers, PIL and torch release
-    the GIL), so preparing the input costs little beyond the forward passes themselves.
+    (how a catalog is sharded across processes). On an accelerator a worker thread tokenises,
+    sorts, pads and image-processes chunk k + 1 while the model runs on chunk k (tokenizers, PIL
+    and torch release the GIL), so preparing the input costs little beyond the forward passes.
     ``model``: defaults to ``backbone.model`` (pass a wrapped or fine-tuned copy to embed with it).
     """
     model = backbone.model if model is None else model
@@ -457,15 +476,25 @@ def embed_items(
     chunks = item_chunks(encoder, items, batch_size) if chunks is None else [list(c) for c in chunks]
     if not chunks:
         return out
+
+    def run(prepared: list[tuple[list[int], dict[str, torch.Tensor]]]) -> None:
+        for idx, batch in prepared:
+            batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
+            out[idx] = cur_item_states(model, batch).float().cpu()
+
+    if device.type == "cpu":
+        # On CPU the model already keeps every core busy: a preparing thread would only preempt
+        # torch's worker threads (and stall them at every parallel barrier), so prepare in turn.
+        for chunk in chunks:
+            run(chunk_batches(encoder, items, chunk, batch_size))
+        return out
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(chunk_batches, encoder, items, chunks[0], batch_size)
         for k in range(len(chunks)):
             prepared = pending.result()
             if k + 1 < len(chunks):
                 pending = pool.submit(chunk_batches, encoder, items, chunks[k + 1], batch_size)
-            for idx, batch in prepared:
-                batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
-                out[idx] = cur_item_states(model, batch).float().cpu()
+            run(prepared)
     return out
 
 
