@@ -19,8 +19,10 @@ Ratios are against SASRec-CE of the same run; popularity is printed as the floor
 Throughput (embedded default, tiny-qwen2-vl): training sequences/s of one epoch of train-molar in
 both modes (cached item embeddings vs end-to-end through MIRM), in a scratch copy of the pipeline.
 
-Every phase stores its result under benchmarks/out/molar_ml1m/ and is skipped when rerun; training
-is resumable (molar.train.fit state per phase). Delete the folder to start over.
+Every phase stores its result under benchmarks/out/molar_ml1m/ (``--out``) and is skipped when
+rerun; training is resumable (molar.train.fit state per phase). Delete the folder to start over.
+A variant (``--loss sampled_ce --negatives 256 --epochs 8 --out ...``) can reuse the SASRec and
+item-embedding phases by copying ``sasrec/`` and ``items.safetensors`` into its ``--out`` first.
 """
 
 from __future__ import annotations
@@ -274,9 +276,13 @@ def main() -> None:
     ap.add_argument("--max-users", type=int, help="smoke run: only the first N users (results are not comparable)")
     ap.add_argument("--out", type=Path, default=OUT, help="where phase results and training state live")
     ap.add_argument("--sasrec-epochs", type=int, default=SASREC_OVERRIDES["epochs"])
+    ap.add_argument("--loss", default="bce", help="train.loss: bce (paper, 1:1) or sampled_ce")
+    ap.add_argument("--negatives", type=int, default=1, help="train.num_negatives")
+    ap.add_argument("--lr", type=float, default=TRAIN_OVERRIDES["lr"], help="train.lr")
     args = ap.parse_args()
     OUT = args.out
     SASREC_OVERRIDES["epochs"] = args.sasrec_epochs
+    TRAIN_OVERRIDES.update(loss=args.loss, num_negatives=args.negatives, lr=args.lr)
 
     import torch
 
