@@ -147,6 +147,7 @@ def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec) ->
 
     from molar.models import molar as M
     from molar.models.dueg import decoder_of, user_embedding_of
+    from molar.train import run_key
 
     out = OUT / f"molar-alpha{alpha:g}"
 
@@ -157,8 +158,8 @@ def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec) ->
                               user_embedding=user_embedding_of(backbone.model, backbone.tokenizer))
         train = tables["train"].sort("user_idx")["items"].to_list()
         valid = tables["valid"].sort("user_idx")
-        key = M.fingerprint("bench-molar-ml1m", p.section_dict("train"), p.section_dict("align"), p.section_dict("dueg"),
-                            p.seed, M.fingerprint(table), n_items)
+        key = run_key("bench-molar-ml1m", p.section_dict("train"), p.section_dict("align"), p.section_dict("dueg"),
+                            p.seed, run_key(table), n_items)
         started = time.perf_counter()
         result, step_log = M.train_molar(
             model, train, valid["history"].to_list(), valid["target"].to_list(), p, sasrec,

@@ -156,7 +156,7 @@ class AlignParams(Section):
 
 class DuegParams(Section):
     init: Literal["base", "mirm"] = "base"
-    item_adapter: Literal["auto", "linear"] = "linear"
+    item_adapter: Literal["auto", "linear", "whiten"] = "whiten"
     layers: int = Field(0, ge=0)
 
 

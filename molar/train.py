@@ -202,6 +202,32 @@ def load_checkpoint(state_dir: Path, run_key: str) -> dict[str, Any] | None:
     return ckpt
 
 
+def run_key(*parts: object) -> str:
+    """A short hash of everything that defines a training run, for ``fit``'s ``run_key``.
+
+    Parts are params (hashed as sorted JSON), tensors and numpy arrays (hashed by value).
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(part.detach().cpu().contiguous().float().numpy().tobytes())
+        elif isinstance(part, np.ndarray):
+            h.update(part.tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def sequences_fingerprint(sequences) -> str:
+    """A short hash of integer sequences (a split's histories), order and boundaries included."""
+    h = hashlib.sha256()
+    for s in sequences:
+        h.update(np.asarray(s, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
 def _settings_key(settings: LoopSettings) -> str:
     fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}  # cadence only
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]

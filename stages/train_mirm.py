@@ -19,7 +19,8 @@ import typer
 from molar.backbones import DTYPES, load_backbone
 from molar.embed_cache import cached_catalog_embeddings, checkpoint_key, process_state
 from molar.io import METRICS, MODELS, PROCESSED, STATE, atomic_path, write_json
-from molar.models.mirm import backbone_corpus, finetune, fingerprint, make_encoder
+from molar.models.mirm import backbone_corpus, finetune, make_encoder
+from molar.train import run_key
 from stages.common import PARAMS_OPTION, read_params, user_errors
 from stages.sft_data import SFT_DATA
 
@@ -54,7 +55,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         record: dict = dict(card)
         if training:
             examples = pl.read_parquet(SFT_DATA)
-            key = fingerprint("mirm", mirm.model_dump(mode="json"), cfg.seed, base_key, examples.hash_rows().to_list())
+            key = run_key("mirm", mirm.model_dump(mode="json"), cfg.seed, base_key, examples.hash_rows().to_list())
             result = finetune(backbone, encoder, examples, mirm, cfg.seed, STATE_DIR, key)
             card["run_key"] = key
             record.update(run_key=key, examples=examples.height, steps=result.steps, resumed=result.resumed,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel, LlamaConfig, Qwen2VLTextConfig
 
-from molar.models.dueg import Dueg, decoder_of, prefix_user_layout
+from molar.models.dueg import Dueg, ItemWhitening, decoder_of, item_adapter_for, prefix_user_layout
 
 
 def tiny_decoder(kind: str, attn: str = "sdpa", hidden: int = 32, seed: int = 0):
@@ -113,3 +113,39 @@ def test_rejects_attention_without_4d_masks_and_finds_decoders() -> None:
 
     lm = LlamaForCausalLM(tiny_decoder("llama").config)
     assert decoder_of(lm) is lm.model
+
+
+def test_whitening_gives_identity_covariance_at_the_token_scale() -> None:
+    # three items on a line in 2-D: the long axis has 100x the variance of the short one
+    catalog = torch.tensor([[10.0, 1.0], [0.0, 0.0], [-10.0, -1.0], [0.0, 0.5], [0.0, -0.5]])
+    w = ItemWhitening(2, catalog, scale=0.02)
+    out = w(catalog)
+    assert torch.allclose(out.mean(0), torch.zeros(2), atol=1e-6)
+    cov = out.T @ out / (catalog.shape[0] - 1)
+    assert torch.allclose(cov, 0.02**2 * torch.eye(2), atol=1e-7), cov
+    # fewer items than dimensions: the null direction is floored, not divided by zero
+    flat = torch.tensor([[1.0, 0.0, 3.0], [2.0, 0.0, 3.0]])
+    assert torch.isfinite(ItemWhitening(3, flat)(flat)).all()
+    # no catalog (a checkpoint is about to be loaded): scale times the identity
+    assert torch.equal(ItemWhitening(2, None, scale=2.0)(torch.ones(1, 2)), torch.full((1, 2), 2.0))
+
+
+def test_whiten_adapter_is_fixed_statistics_then_a_learned_identity() -> None:
+    catalog = torch.randn(50, 8) * torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 0.1]) + 5.0
+    adapter = item_adapter_for(8, 8, "whiten", catalog, input_scale=0.5)
+    trainable = {name for name, p in adapter.named_parameters()}
+    assert trainable == {"1.weight", "1.bias"}  # the whitening is buffers, saved but never trained
+    assert set(adapter.state_dict()) == {"0.mean", "0.matrix", "1.weight", "1.bias"}
+    out = adapter(catalog)
+    assert torch.allclose(out.std(0), torch.full((8,), 0.5), rtol=1e-3)
+    # the learned part starts as the identity, so the adapter equals the fixed whitening
+    assert torch.allclose(out, adapter[0](catalog))
+
+
+def test_dueg_whitening_uses_the_decoders_token_embedding_scale() -> None:
+    decoder = tiny_decoder("llama")
+    with torch.no_grad():
+        decoder.get_input_embeddings().weight.fill_(0.25)
+    catalog = torch.randn(40, 32)
+    dueg = Dueg(decoder, 32, item_adapter="whiten", catalog=catalog)
+    assert torch.allclose(dueg.project_items(catalog).std(0), torch.full((32,), 0.25), rtol=1e-3)

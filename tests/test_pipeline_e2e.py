@@ -86,6 +86,17 @@ def test_popularity_beats_uniform_random(pipeline_run):
 
 
 @pytest.mark.slow
+def test_learned_models_beat_popularity(pipeline_run):
+    # the embedded default has content taste (Molar can use it through MIRM's item embeddings)
+    # and ID-only successor transitions (only SASRec sees them): both must beat popularity
+    work, _, _ = pipeline_run
+    metrics = json.loads((work / "metrics" / "eval.json").read_text())
+    popularity = metrics["popularity"]["ndcg@10"]
+    assert metrics["sasrec"]["ndcg@10"] > 2 * popularity, metrics
+    assert metrics["molar"]["ndcg@10"] > 1.5 * popularity, metrics
+
+
+@pytest.mark.slow
 def test_second_repro_is_a_no_op(pipeline_run):
     work, _, _ = pipeline_run
     env = dict(os.environ)

@@ -50,7 +50,6 @@ def stage_run(tmp_path_factory: pytest.TempPathFactory):
     mp.chdir(work)
     params = work / "params.yaml"
     params.write_text(PARAMS)
-    torch.set_num_threads(2)
     for stage in (ingest, split, train_mirm, train_sasrec):
         stage.main(params)
     train_molar.main(params)

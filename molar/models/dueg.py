@@ -38,7 +38,7 @@ USER_TOKEN = "[User]"
 
 # Attention kernels that take an arbitrary 4D mask: sdpa takes a boolean one (True = attend),
 # eager adds a float one. Flash-attention kernels only know causal/padding masks.
-_BOOL_MASK_ATTENTION = {"sdpa", "flex_attention"}
+_BOOL_MASK_ATTENTION = {"sdpa"}
 _FLOAT_MASK_ATTENTION = {"eager"}
 
 
@@ -78,7 +78,7 @@ class Dueg(nn.Module):
         item_dim: int,
         user_embedding: torch.Tensor | None = None,
         item_adapter: str = "auto",
-        item_mean: torch.Tensor | None = None,
+        catalog: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         config = decoder.config
@@ -89,9 +89,10 @@ class Dueg(nn.Module):
                 "load the backbone with attn_implementation='sdpa'"
             )
         self.hidden_size = int(config.hidden_size)
+        input_scale = _token_embedding_rms(decoder)  # before the table goes
         _drop_word_embeddings(decoder)
         self.decoder = decoder
-        self.item_proj = item_adapter_for(item_dim, self.hidden_size, item_adapter, item_mean)
+        self.item_proj = item_adapter_for(item_dim, self.hidden_size, item_adapter, catalog, input_scale)
         if user_embedding is None:
             user_embedding = torch.randn(self.hidden_size) * float(getattr(config, "initializer_range", 0.02))
         if user_embedding.shape != (self.hidden_size,):
@@ -126,27 +127,80 @@ class Dueg(nn.Module):
         return out.last_hidden_state[:, length:]
 
 
-def item_adapter_for(item_dim: int, hidden_size: int, kind: str, item_mean: torch.Tensor | None = None) -> nn.Module:
+WHITEN_FLOOR = 1e-5  # eigenvalues below this fraction of the largest are floored (a catalog smaller than the width has null directions)
+
+
+def item_adapter_for(
+    item_dim: int,
+    hidden_size: int,
+    kind: str,
+    catalog: torch.Tensor | None = None,
+    input_scale: float = 1.0,
+) -> nn.Module:
     """The map from MIRM item vectors to DUEG's input and scoring space (``dueg.item_adapter``).
 
     ``auto``: none when the widths agree (the paper: MIRM's states enter DUEG as they are), else a
-    learned linear map. ``linear``: always a learned affine map, started as centring: weights
-    identity (or the default init when the widths differ) and bias ``-W @ item_mean``. LLM final
-    states share one dominant direction (the tiny preset's items have a mean pairwise cosine of
-    ~0.96), so the cosine score cannot tell items apart until that mean is removed; with cached
-    item embeddings nothing else on the item side can learn to remove it.
+    learned linear map. ``linear``: a learned affine map started as centring on the catalog mean
+    (weights identity, or the default init when the widths differ). ``whiten``: a learned affine
+    map started as the catalog's whitening, scaled to ``input_scale`` (the RMS of the decoder's
+    own token embeddings, so items enter at the scale the decoder was trained on).
+
+    Why not the plain states: LLM final states share one dominant direction (the tiny preset's
+    items have a mean pairwise cosine of 0.999), and after centring a few directions still carry
+    most of the spread (the top 3 hold 70% on the embedded default) while what tells two items
+    apart lies in the small ones. A cosine score cannot use the small directions until they are
+    rescaled, and with cached item embeddings nothing else on the item side can learn to. On the
+    embedded default DUEG stays at random ranking with ``linear`` and reaches about 3x popularity
+    with ``whiten`` (README, benchmarks). ``catalog`` [n_items, item_dim] (no padding row) sets the
+    statistics; without it (loading a checkpoint, whose weights replace the init) the map starts
+    as the identity / default init.
     """
-    if kind not in ("auto", "linear"):
-        raise ValueError(f"dueg.item_adapter must be auto or linear, got {kind!r}")
+    if kind not in ("auto", "linear", "whiten"):
+        raise ValueError(f"dueg.item_adapter must be auto, linear or whiten, got {kind!r}")
     if kind == "auto":
         return nn.Identity() if item_dim == hidden_size else nn.Linear(item_dim, hidden_size)
+    if kind == "whiten":
+        # fixed whitening, then a learned map started as the identity: a learned whitening matrix
+        # would see the raw states (norm ~9 along the shared direction) and Adam's first steps
+        # would undo it; the fixed statistics keep the learned map well conditioned
+        layer = nn.Linear(item_dim, hidden_size)
+        with torch.no_grad():
+            layer.bias.zero_()
+            if item_dim == hidden_size:
+                layer.weight.copy_(torch.eye(hidden_size))
+            else:
+                nn.init.orthogonal_(layer.weight)  # keeps the whitened spread
+        return nn.Sequential(ItemWhitening(item_dim, catalog, input_scale), layer)
     layer = nn.Linear(item_dim, hidden_size)
     with torch.no_grad():
         if item_dim == hidden_size:
             layer.weight.copy_(torch.eye(hidden_size))
-        mean = torch.zeros(item_dim) if item_mean is None else item_mean.detach().float()
+        mean = torch.zeros(item_dim) if catalog is None else catalog.detach().float().mean(0)
         layer.bias.copy_(-(layer.weight @ mean))
     return layer
+
+
+class ItemWhitening(nn.Module):
+    """``(x - mean) @ matrix.T`` with fixed catalog statistics: ZCA whitening (``Sigma^-1/2``) times
+    ``scale``. Buffers, not parameters: saved and loaded with the model, never trained."""
+
+    def __init__(self, dim: int, catalog: torch.Tensor | None = None, scale: float = 1.0) -> None:
+        super().__init__()
+        mean, matrix = torch.zeros(dim), torch.eye(dim) * scale
+        if catalog is not None:
+            if catalog.dim() != 2 or catalog.shape[1] != dim or catalog.shape[0] < 2:
+                raise ValueError(f"whitening needs a catalog [n_items >= 2, {dim}], got {tuple(catalog.shape)}")
+            x = catalog.detach().double()
+            centred = x - x.mean(0)
+            eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / (x.shape[0] - 1))
+            floor = eigenvalues.max().clamp(min=1e-30) * WHITEN_FLOOR
+            inv_sqrt = vectors @ torch.diag(eigenvalues.clamp(min=floor).rsqrt()) @ vectors.T
+            mean, matrix = x.mean(0).float(), (scale * inv_sqrt).float()
+        self.register_buffer("mean", mean)
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) @ self.matrix.to(x.dtype).T
 
 
 def keep_first_layers(decoder: nn.Module, n_layers: int) -> nn.Module:
@@ -166,6 +220,14 @@ def keep_first_layers(decoder: nn.Module, n_layers: int) -> nn.Module:
     if getattr(decoder.config, "layer_types", None) is not None:
         decoder.config.layer_types = list(decoder.config.layer_types)[:n_layers]
     return decoder
+
+
+def _token_embedding_rms(decoder: nn.Module) -> float:
+    """Root mean square of the decoder's token-embedding entries: the scale its inputs have."""
+    table = decoder.get_input_embeddings()
+    if table is None or table.weight.shape[0] < 2:  # already dropped (a loaded DUEG): weights come from the checkpoint
+        return float(getattr(decoder.config, "initializer_range", 0.02))
+    return table.weight.detach().float().pow(2).mean().sqrt().item()
 
 
 def _drop_word_embeddings(decoder: nn.Module) -> None:

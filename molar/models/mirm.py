@@ -27,7 +27,6 @@ row 0 = padding lives in molar/embed_cache.py.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -567,16 +566,6 @@ def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float) -> torc
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
     return get_peft_model(model, config)
-
-
-def fingerprint(*parts: object) -> str:
-    """Short hash of everything that defines a run (params, seed, data, base checkpoint)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode() + b"\0")
-    return h.hexdigest()[:16]
 
 
 def finetune(

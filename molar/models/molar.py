@@ -28,14 +28,12 @@ user or item embeddings collapse (HLLM's failure, DESIGN.md section 5).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -157,7 +155,7 @@ class MolarConfig:
     max_length: int  # history items DUEG sees (most recent)
     similarity: str = "cosine"  # cosine | dot
     logit_scale: float = 10.0
-    item_adapter: str = "auto"  # auto | linear (molar.models.dueg.item_adapter_for)
+    item_adapter: str = "auto"  # auto | linear | whiten (molar.models.dueg.item_adapter_for)
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
@@ -267,7 +265,7 @@ def build_model(
     t = params.train
     decoder = keep_first_layers(decoder, params.dueg.layers)
     table = items.table
-    dueg = Dueg(decoder, table.shape[1], user_embedding, item_adapter=params.dueg.item_adapter, item_mean=table[1:].mean(0))
+    dueg = Dueg(decoder, table.shape[1], user_embedding, item_adapter=params.dueg.item_adapter, catalog=table[1:])
     config = MolarConfig(
         n_items=table.shape[0] - 1, item_dim=table.shape[1], hidden_size=dueg.hidden_size, id_dim=id_dim,
         max_length=t.max_length, similarity=t.similarity, logit_scale=t.logit_scale, item_adapter=params.dueg.item_adapter,
@@ -509,20 +507,6 @@ def rows_to_csv(rows: list[dict], path: str | Path) -> None:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-
-
-def fingerprint(*parts: object) -> str:
-    """A short hash of what defines a run: params (as JSON), tensors and arrays (their values)."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            h.update(part.detach().cpu().contiguous().float().numpy().tobytes())
-        elif isinstance(part, np.ndarray):
-            h.update(part.tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- training

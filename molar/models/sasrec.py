@@ -17,7 +17,6 @@ validation NDCG@10 through ``molar.train.fit``), and the two entry points other 
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from torch import nn
 
 from molar import losses
 from molar.io import atomic_path
-from molar.train import FitResult, LoopSettings, epoch_rng, fit
+from molar.train import FitResult, LoopSettings, epoch_rng, fit, run_key, sequences_fingerprint
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -267,23 +266,6 @@ class NextItemBatches:
             inputs, targets = seqs[:, :-1], seqs[:, 1:]
             # a padding input has no history to predict from: its target is padding too
             yield inputs, targets.masked_fill(inputs == 0, 0)
-
-
-def run_key(*parts: object) -> str:
-    """A short hash of everything that defines a training run (params, seed, data)."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def sequences_fingerprint(sequences: Sequence[Sequence[int]]) -> str:
-    h = hashlib.sha256()
-    for s in sequences:
-        h.update(np.asarray(s, dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.hexdigest()[:16]
 
 
 def train_sasrec(
