@@ -7,9 +7,8 @@ Models come from eval.models; each is scored over all items with the user's hist
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 import typer
 
 from molar.config import Params
@@ -17,7 +16,10 @@ from molar.data.split import SplitData, Targets, load_split
 from molar.io import METRICS, MODELS, PROCESSED, atomic_path, write_json
 from stages.common import PARAMS_OPTION, read_params, user_errors
 
-ScoreFn = Callable[[list[list[int]]], torch.Tensor]
+if TYPE_CHECKING:  # torch loads only when a stage runs: `molar --help` stays fast
+    import torch
+
+ScoreFn = Callable[[list[list[int]]], "torch.Tensor"]
 
 
 ScorerFor = Callable[[Targets], ScoreFn]  # the score function to rank one split (valid or test) with
@@ -54,6 +56,8 @@ SCORERS: dict[str, Callable[[SplitData, Params], ScorerFor]] = {
 
 
 def main(params: Path = PARAMS_OPTION) -> None:
+    import torch
+
     from molar.evaluate import evaluate_scorer  # imported here so `molar --help` stays fast
 
     cfg = read_params(params)

@@ -16,11 +16,7 @@ from pathlib import Path
 import polars as pl
 import typer
 
-from molar.backbones import DTYPES, load_backbone
-from molar.embed_cache import cached_catalog_embeddings, checkpoint_key, process_state
 from molar.io import METRICS, MODELS, PROCESSED, STATE, atomic_path, write_json
-from molar.models.mirm import backbone_corpus, finetune, make_encoder
-from molar.train import run_key
 from stages.common import PARAMS_OPTION, read_params, user_errors
 from stages.sft_data import SFT_DATA
 
@@ -30,6 +26,12 @@ STATE_DIR = STATE / "train-mirm"
 
 
 def main(params: Path = PARAMS_OPTION) -> None:
+    # torch/transformers load here, not at import: `molar --help` stays fast
+    from molar.backbones import DTYPES, load_backbone
+    from molar.embed_cache import cached_catalog_embeddings, checkpoint_key, process_state
+    from molar.models.mirm import backbone_corpus, finetune, make_encoder
+    from molar.train import run_key
+
     cfg = read_params(params)
     mirm = cfg.mirm
     state = process_state()
