@@ -29,21 +29,10 @@ from safetensors.torch import save_file
 from molar.backbones import Backbone
 from molar.io import atomic_path
 from molar.models.mirm import PromptEncoder, embed_items, item_chunks, item_texts
+from molar.train import process_state
 
 TENSOR = "items"
 _CHUNK = 8 << 20
-
-
-def process_state():
-    """accelerate's process group view (one process unless run under ``accelerate launch``/``torchrun``).
-
-    ``ACCELERATE_USE_CPU=1`` (set by ``accelerate launch --cpu``) makes a multi-process CPU run
-    use gloo, as ``Accelerator`` does; a bare ``PartialState()`` would ignore it.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _hash_files(paths: Iterable[Path], root: Path, h) -> None:

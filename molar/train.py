@@ -202,6 +202,30 @@ def load_checkpoint(state_dir: Path, run_key: str) -> dict[str, Any] | None:
     return ckpt
 
 
+def process_state():
+    """accelerate's process group view (one process unless run under ``accelerate launch``/``torchrun``).
+
+    ``ACCELERATE_USE_CPU=1`` (set by ``accelerate launch --cpu``) makes a multi-process CPU run
+    use gloo, as ``Accelerator`` does; a bare ``PartialState()`` would ignore it.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def shard(batches: list, rank: int, world: int) -> list:
+    """Process ``rank``'s share of an epoch's batches when ``world`` processes train together: every
+    ``world``-th batch, topped up from the start so that all processes take the same number of
+    steps (DDP needs that; a few batches are seen twice per epoch instead)."""
+    if world <= 1:
+        return batches
+    if not 0 <= rank < world:
+        raise ValueError(f"process rank {rank} is outside the world of {world}")
+    mine = batches[rank::world]
+    return [*mine, *batches[: -(-len(batches) // world) - len(mine)]]
+
+
 def run_key(*parts: object) -> str:
     """A short hash of everything that defines a training run, for ``fit``'s ``run_key``.
 

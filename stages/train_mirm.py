@@ -28,9 +28,9 @@ STATE_DIR = STATE / "train-mirm"
 def main(params: Path = PARAMS_OPTION) -> None:
     # torch/transformers load here, not at import: `molar --help` stays fast
     from molar.backbones import DTYPES, load_backbone
-    from molar.embed_cache import cached_catalog_embeddings, checkpoint_key, process_state
+    from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
     from molar.models.mirm import backbone_corpus, finetune, make_encoder
-    from molar.train import run_key
+    from molar.train import process_state, run_key
 
     cfg = read_params(params)
     mirm = cfg.mirm

@@ -45,7 +45,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
     from molar.models.dueg import decoder_of, user_embedding_of
     from molar.models.mirm import ItemEmbedder, backbone_corpus, item_texts, make_encoder
     from molar.models.sasrec import SASRec
-    from molar.train import run_key as make_run_key, sequences_fingerprint
+    from molar.train import process_state, run_key as make_run_key, sequences_fingerprint
     from stages.train_mirm import ITEM_EMBEDDINGS, MIRM_DIR
 
     cfg = read_params(params)
@@ -102,7 +102,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
         )
 
         def on_epoch_end(epoch: int, record: dict) -> None:
-            M.rows_to_csv(epoch_rows(result_history + [record]), CURVES / "epochs.csv")
+            if process_state().is_main_process:
+                M.rows_to_csv(epoch_rows(result_history + [record]), CURVES / "epochs.csv")
             result_history.append(record)
 
         result_history: list[dict] = []
@@ -115,6 +116,9 @@ def main(params: Path = PARAMS_OPTION) -> None:
         except M.CollapseError as err:
             raise ValueError(str(err)) from None
 
+    if step_log is None:  # not the main process of a multi-process run: it writes nothing
+        process_state().wait_for_everyone()  # returns once the main process has written the outputs
+        return
     extra = {"mirm_trainable": t.mirm_trainable, "dueg_init": cfg.dueg.init, "backbone": mirm.backbone, "run_key": run_key}
     model.save_pretrained(MODEL_DIR, extra=extra)
     if cfg.align.train_id_model:
@@ -145,3 +149,4 @@ def main(params: Path = PARAMS_OPTION) -> None:
         f"train-molar: best epoch {result.best_epoch}/{len(result.history)} (valid NDCG@10 {result.best_metric:.4f}, "
         f"alpha {cfg.align.alpha}, {'end-to-end' if t.mirm_trainable else 'cached items'}) -> {MODEL_DIR}/"
     )
+    process_state().wait_for_everyone()  # a later stage in the same launch reads the outputs

@@ -39,6 +39,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
 
     from molar.data.split import load_split
     from molar.models.sasrec import train_sasrec
+    from molar.train import process_state
 
     cfg = read_params(params)
     with user_errors():
@@ -56,6 +57,10 @@ def main(params: Path = PARAMS_OPTION) -> None:
             mask_history=cfg.eval.mask_history,
             eval_chunk_size=cfg.eval.user_chunk_size,
         )
+    process = process_state()
+    if not process.is_main_process:  # a multi-process run: one process writes the outputs
+        process.wait_for_everyone()  # returns once they are written
+        return
     model.save_pretrained(MODEL_DIR)
     write_curve(result.history)
     best = next(r for r in result.history if r["epoch"] == result.best_epoch)
@@ -75,3 +80,4 @@ def main(params: Path = PARAMS_OPTION) -> None:
         f"train-sasrec: best epoch {result.best_epoch}/{len(result.history)} "
         f"(valid NDCG@10 {result.best_metric:.4f}, {cfg.sasrec.loss} loss) -> {MODEL_DIR}/"
     )
+    process.wait_for_everyone()  # a later stage in the same launch reads the outputs

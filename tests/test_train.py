@@ -258,3 +258,15 @@ def test_bad_settings_are_rejected():
         LoopSettings(lr=0.1, epochs=0, seed=0)
     with pytest.raises(ValueError):
         LoopSettings(lr=0.1, epochs=1, seed=0, warmup_ratio=1.0)
+
+
+def test_shard_gives_each_process_an_equal_share_by_hand():
+    from molar.train import shard
+
+    batches = ["a", "b", "c", "d", "e"]
+    assert shard(batches, 0, 1) == batches
+    assert shard(batches, 0, 2) == ["a", "c", "e"]
+    assert shard(batches, 1, 2) == ["b", "d", "a"]  # topped up from the start: both take 3 steps
+    assert shard(batches, 2, 3) == ["c", "a"]
+    with pytest.raises(ValueError, match="rank 2"):
+        shard(batches, 2, 2)

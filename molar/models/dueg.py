@@ -241,7 +241,9 @@ def _drop_word_embeddings(decoder: nn.Module) -> None:
         return
     hidden = int(decoder.config.hidden_size)
     dtype = old.weight.dtype if old is not None else torch.float32
-    decoder.set_input_embeddings(nn.Embedding(1, hidden, dtype=dtype))
+    placeholder = nn.Embedding(1, hidden, dtype=dtype)
+    placeholder.weight.requires_grad_(False)  # never read: no optimizer state, no unused DDP parameter
+    decoder.set_input_embeddings(placeholder)
     decoder.config.vocab_size = 1
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if hasattr(decoder.config, name):

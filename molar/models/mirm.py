@@ -543,7 +543,7 @@ class SftBatches:
         return -(-self.global_batches // self.world)
 
     def indices(self, epoch: int) -> list[list[int]]:
-        from molar.train import epoch_rng
+        from molar.train import epoch_rng, shard
 
         rng = epoch_rng(self.seed, epoch)
         order = rng.permutation(len(self.encoded)).tolist()
@@ -553,8 +553,7 @@ class SftBatches:
             bucket = sorted(order[start : start + span], key=lambda i: len(self.encoded[i]))
             batches += [bucket[j : j + self.batch_size] for j in range(0, len(bucket), self.batch_size)]
         batches = [batches[i] for i in rng.permutation(len(batches))]
-        mine = batches[self.rank :: self.world]
-        return [*mine, *batches[: len(self) - len(mine)]]
+        return shard(batches, self.rank, self.world)
 
     def __call__(self, epoch: int):
         for idx in self.indices(epoch):
@@ -585,8 +584,7 @@ def finetune(
     ``warmup_start_factor`` x lr, then cosine; resumable from ``state_dir`` (molar.train.fit).
     Sets ``backbone.model`` to the trained model and returns the ``FitResult``.
     """
-    from molar.embed_cache import process_state
-    from molar.train import LoopSettings, fit
+    from molar.train import LoopSettings, fit, process_state
 
     if params.finetune not in ("full", "lora"):
         raise ValueError(f"mirm.finetune: {params.finetune!r} does not train; nothing to fine-tune")

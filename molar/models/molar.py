@@ -182,6 +182,30 @@ class MolarModel(nn.Module):
         """
         return self.dueg(self.dueg.project_items(item_vectors), padded != 0, user_columns)
 
+    def forward(self, inputs: torch.Tensor, columns: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step's trainable computation (everything with parameters), so that a
+        DistributedDataParallel wrapper sees it all in its forward and synchronises the gradients.
+
+        ``inputs`` [B, L] left-padded histories, ``columns`` [U] the columns after which a
+        ``[User]`` reads, ``pos`` [P] and ``neg`` [P or 1, k] item ids. Returns ``users`` [B, U,
+        hidden], ``pos_items`` [P, hidden], ``neg_items`` [P or 1, k, hidden], ``aligned`` [B, U,
+        id_dim] (the users through the alignment head) and, with a co-trained ID model,
+        ``id_hidden`` [B, L', d] (its states over the last L' <= L columns) and ``id_items``.
+        """
+        hist_vecs, pos_vecs, neg_vecs = self.items.vectors(inputs, pos, neg)
+        users = self.encode(inputs, hist_vecs, columns)
+        out = {
+            "users": users,
+            "pos_items": self.dueg.project_items(pos_vecs),
+            "neg_items": self.dueg.project_items(neg_vecs),
+            "aligned": self.align_head(users),
+        }
+        id_model = getattr(self, "id_model", None)
+        if id_model is not None:
+            out["id_hidden"] = id_model.encode(inputs[:, -int(id_model.max_length) :])
+            out["id_items"] = id_model.item_embeddings()
+        return out
+
     def catalog_vectors(self) -> torch.Tensor:
         """Every item in the scoring space [n_items + 1, hidden] (row 0 = padding, never ranked)."""
         return self.dueg.project_items(self.items.table)
@@ -333,7 +357,7 @@ class MolarObjective:
         id_model: nn.Module | None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         co_train: bool = False,
-        id_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        id_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # (hidden, targets, items)
     ) -> None:
         if settings.loss not in ("bce", "sampled_ce"):
             raise ValueError(f"train.loss must be bce or sampled_ce, got {settings.loss!r}")
@@ -350,15 +374,6 @@ class MolarObjective:
         self.co_train = co_train
         self.id_loss = id_loss
         self.on_step = on_step
-
-    def _id_model(self, model: MolarModel) -> nn.Module | None:
-        if self.co_train:
-            return model.id_model
-        if self.frozen_id_model is not None:
-            device = model.items.table.device
-            if next(self.frozen_id_model.parameters()).device != device:
-                self.frozen_id_model.to(device)
-        return self.frozen_id_model
 
     def __call__(self, model: MolarModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.settings
@@ -381,14 +396,13 @@ class MolarObjective:
         else:
             k = min(s.num_negatives, s.n_items)
             neg = (torch.randperm(s.n_items, device=device)[:k] + 1).unsqueeze(0)  # [1, k] shared by the batch
-        hist_vecs, pos_vecs, neg_vecs = model.items.vectors(inputs, pos, neg)
-
-        users_all = model.encode(inputs, hist_vecs, columns)  # [B, U, hidden]
+        core = getattr(model, "module", model)  # the MolarModel inside a DDP wrapper
+        out = model(inputs, columns, pos, neg)  # through the wrapper: gradients are synchronised
+        users_all = out["users"]  # [B, U, hidden]
         users = users_all[keep]  # [P, hidden]
-        pos_items = model.dueg.project_items(pos_vecs)  # [P, hidden]
-        neg_items = model.dueg.project_items(neg_vecs)  # [P or 1, k, hidden]
-        pos_logit = model.logits(users, pos_items)  # [P]
-        neg_logit = model.logits(users.unsqueeze(1), neg_items)  # [P, k]
+        pos_items, neg_items = out["pos_items"], out["neg_items"]  # [P, hidden], [P or 1, k, hidden]
+        pos_logit = core.logits(users, pos_items)  # [P]
+        neg_logit = core.logits(users.unsqueeze(1), neg_items)  # [P, k]
         if s.loss == "bce":
             rec_loss = losses.pointwise_bce(pos_logit, neg_logit)
             live = (torch.sigmoid(neg_logit.detach().float()) > LIVE_NEGATIVE).float().mean().item()
@@ -400,15 +414,18 @@ class MolarObjective:
 
         loss = rec_loss
         logs: dict[str, float] = {}
-        id_model = self._id_model(model)
-        if id_model is not None:
+        theirs = self._id_users(out, inputs, columns, keep)
+        if theirs is not None:
+            # with alpha = 0 the term is only logged: no graph, so the gradient is exactly the BCE one
             with torch.set_grad_enabled(torch.is_grad_enabled() and s.alpha > 0):
-                align_loss = self._align(model, id_model, inputs, users_all, columns, keep)
+                ours = out["aligned"][:, -1] if s.align_positions == "last" else out["aligned"][keep]
+                align_loss = losses.symmetric_info_nce(ours, theirs, s.tau)
             if s.alpha > 0:
                 loss = loss + s.alpha * align_loss
             logs["align"] = align_loss.item()
         if self.co_train:
-            id_loss = self.id_loss(id_model, inputs, targets)
+            id_hidden = out["id_hidden"]
+            id_loss = self.id_loss(id_hidden, targets[:, -id_hidden.shape[1] :], out["id_items"])
             loss = loss + id_loss
             logs["id_loss"] = id_loss.item()
 
@@ -428,21 +445,27 @@ class MolarObjective:
                 )
         return loss, logs
 
-    def _align(self, model, id_model, inputs, users_all, columns, keep) -> torch.Tensor:
-        """Symmetric InfoNCE between DUEG and ID-model user vectors of the same (prefix) histories."""
-        id_length = int(getattr(id_model, "max_length", inputs.shape[1]))
-        if self.settings.align_positions == "last":
-            ours = users_all[:, -1]  # [B, hidden]: the whole history (the last column is always real)
-            theirs = id_model.encode(inputs[:, -id_length:])[:, -1]
+    def _id_users(self, out: dict, inputs: torch.Tensor, columns: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """The ID model's user vectors for the DUEG users being aligned (None without an ID model):
+        the whole history's (``align.positions: last``) or every kept prefix's (``all``)."""
+        if self.co_train:
+            hidden = out["id_hidden"]  # computed in the model's forward, with gradients
+        elif self.frozen_id_model is not None:
+            id_model = self.frozen_id_model
+            if next(id_model.parameters()).device != inputs.device:
+                id_model.to(inputs.device)
+            with torch.no_grad():
+                hidden = id_model.encode(inputs[:, -int(id_model.max_length) :])
         else:
-            if inputs.shape[1] > id_length:
-                raise ValueError(
-                    f"align.positions: all needs train.max_length ({inputs.shape[1]}) <= the ID model's max_length "
-                    f"({id_length}) so both models see the same prefixes"
-                )
-            ours = users_all[keep]
-            theirs = id_model.encode(inputs)[:, columns][keep]
-        return losses.symmetric_info_nce(model.align_head(ours), theirs, self.settings.tau)
+            return None
+        if self.settings.align_positions == "last":
+            return hidden[:, -1]  # the last column is always a real item
+        if hidden.shape[1] < inputs.shape[1]:
+            raise ValueError(
+                f"align.positions: all needs train.max_length ({inputs.shape[1]}) <= the ID model's max_length "
+                f"({hidden.shape[1]}) so both models see the same prefixes"
+            )
+        return hidden[:, columns][keep]
 
 
 # ------------------------------------------------------------------------------ batches
@@ -537,33 +560,37 @@ def train_molar(
 
     Resumable through ``molar.train.fit`` (state in ``state_dir``, keyed by ``run_key``, which
     must cover everything that defines the run); selects the epoch by validation NDCG@10.
-    Returns ``(FitResult, StepLog)``; the model is left holding the selected weights with its
-    catalog item table refreshed.
+    Returns ``(FitResult, StepLog)`` (the log is None on all but the main process of a
+    multi-process run); the model is left holding the selected weights with its catalog item
+    table refreshed.
     """
     from molar.evaluate import evaluate_scorer
     from molar.models.sasrec import NextItemBatches
-    from molar.train import LoopSettings, fit
+    from molar.train import LoopSettings, fit, process_state
 
     t, a = params.train, params.align
     if a.train_id_model and id_model is None:
         raise ValueError("align.train_id_model: true needs the ID model (data/models/sasrec)")
+    if a.alpha == 0:
+        # the head gets no gradient: frozen, so a multi-process (DDP) run has no unused parameter
+        model.align_head.requires_grad_(False)
     if t.gradient_checkpointing:
         # non-reentrant checkpointing works with inputs_embeds that need no gradient
         _checkpoint_activations(model.dueg.decoder)
         if isinstance(model.items, MirmItems):
             _checkpoint_activations(getattr(model.items.mirm, "model", model.items.mirm))
 
-    pairs = NextItemBatches(train, t.max_length, t.batch_size, params.seed)
+    process = process_state()
+    pairs = NextItemBatches(train, t.max_length, t.batch_size, params.seed, process.process_index, process.num_processes)
     batches = MolarBatches(pairs, len(pairs))
-    step_log = StepLog(state_dir, run_key)
+    step_log = StepLog(state_dir, run_key) if process.is_main_process else None  # one writer
     id_loss = None
     if a.train_id_model:
         model.id_model = id_model.train().requires_grad_(True)  # a submodule: optimised and checkpointed
-        length = int(id_model.max_length)
         s = params.sasrec
 
-        def id_loss(m: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return losses.next_item_loss(s.loss, m.encode(inputs[:, -length:]), targets[:, -length:], m.item_embeddings(), s.num_negatives)
+        def id_loss(hidden: torch.Tensor, targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+            return losses.next_item_loss(s.loss, hidden, targets, items, s.num_negatives)
 
     objective = MolarObjective(
         ObjectiveSettings(
@@ -577,7 +604,7 @@ def train_molar(
             collapse_std=t.collapse_std,
         ),
         id_model=id_model,
-        on_step=step_log.append,
+        on_step=step_log.append if step_log is not None else None,
         co_train=a.train_id_model,
         id_loss=id_loss,
     )

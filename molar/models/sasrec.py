@@ -31,7 +31,7 @@ from torch import nn
 
 from molar import losses
 from molar.io import atomic_path
-from molar.train import FitResult, LoopSettings, epoch_rng, fit, run_key, sequences_fingerprint
+from molar.train import FitResult, LoopSettings, epoch_rng, fit, process_state, run_key, sequences_fingerprint, shard
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -243,24 +243,28 @@ class NextItemBatches:
     Every training sequence contributes its last ``max_length + 1`` items: inputs are all but the
     last, targets all but the first, so every position predicts its next item. Sequences with
     fewer than 2 items have no pair and are left out. The order of epoch e is a pure function of
-    (seed, e); each batch is cut to its longest sequence.
+    (seed, e); each batch is cut to its longest sequence. With several processes (``rank`` of
+    ``world``) each yields its share of the epoch's batches.
     """
 
-    def __init__(self, sequences: Sequence[Sequence[int]], max_length: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, sequences: Sequence[Sequence[int]], max_length: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         usable = [list(s)[-(max_length + 1) :] for s in sequences if len(s) >= 2]
         if not usable:
             raise ValueError("no training sequence has 2 or more items; check the split (split.min_user_length)")
         self.padded = left_pad(usable, max_length + 1).numpy()
         self.lengths = np.array([len(s) for s in usable])
         self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world = rank, world  # several processes: each takes its share (molar.train.shard)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return -(-math.ceil(len(self.lengths) / self.batch_size) // self.world)
 
     def __call__(self, epoch: int):
         order = epoch_rng(self.seed, epoch).permutation(len(self.lengths))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
+        all_rows = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        for rows in shard(all_rows, self.rank, self.world):
             width = int(self.lengths[rows].max())
             seqs = torch.from_numpy(np.ascontiguousarray(self.padded[rows, -width:]))
             inputs, targets = seqs[:, :-1], seqs[:, 1:]
@@ -294,7 +298,8 @@ def train_sasrec(
     )
     torch.manual_seed(seed)
     model = SASRec(config)
-    batches = NextItemBatches(train, params.max_length, params.batch_size, seed)
+    process = process_state()
+    batches = NextItemBatches(train, params.max_length, params.batch_size, seed, process.process_index, process.num_processes)
     settings = LoopSettings(
         lr=params.lr,
         epochs=params.epochs,
