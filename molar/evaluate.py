@@ -98,6 +98,22 @@ def target_ranks(
         return _rank_chunk(write, targets_t.to(buffers.device), masks, buffers, 0)
 
 
+def frozen_scorer(model: torch.nn.Module) -> Callable[[list[list[int]]], Tensor]:
+    """``score_fn(histories) -> [B, n_items + 1]`` (float32, CPU) from a model with
+    ``score(histories)``: run in eval mode under no_grad, the model's own mode restored after."""
+
+    def score_fn(histories: list[list[int]]) -> Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return model.score(histories).float().cpu()
+        finally:
+            model.train(was_training)
+
+    return score_fn
+
+
 def evaluate_scorer(
     score_fn: ScoreFn,
     histories: Sequence[Sequence[int]],

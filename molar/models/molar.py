@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from molar import losses
+from molar.evaluate import frozen_scorer
 from molar.io import atomic_path
 from molar.models.dueg import Dueg
 
@@ -315,16 +316,7 @@ def load_scorer(model_or_dir: MolarModel | str | Path, device: str | torch.devic
     if device is not None:
         model = model.to(device)
 
-    def score_fn(histories: list[list[int]]) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return model.score(histories).float().cpu()
-        finally:
-            model.train(was_training)
-
-    return score_fn
+    return frozen_scorer(model)
 
 
 # ---------------------------------------------------------------------------- objective

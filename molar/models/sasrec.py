@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from molar import losses
+from molar.evaluate import frozen_scorer
 from molar.io import atomic_path
 from molar.train import FitResult, LoopSettings, epoch_rng, fit, process_state, run_key, sequences_fingerprint, shard
 
@@ -202,18 +203,7 @@ def load_scorer(
     model_dir: str | Path | SequentialRecommender, device: str | torch.device | None = None
 ) -> Callable[[list[list[int]]], torch.Tensor]:
     """``score_fn(histories) -> [B, n_items + 1]`` for ``molar.evaluate.evaluate_scorer`` (eval mode, no grad)."""
-    model = _as_model(model_dir, device)
-
-    def score_fn(histories: list[list[int]]) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return model.score(histories).float().cpu()
-        finally:
-            model.train(was_training)
-
-    return score_fn
+    return frozen_scorer(_as_model(model_dir, device))
 
 
 def encode_users(
