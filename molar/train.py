@@ -57,7 +57,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -85,6 +85,14 @@ class LoopSettings:
     patience: int | None = None  # validations without improvement before stopping; None = never
     validate_every: int = 1  # epochs between validations (the last epoch is always validated)
     checkpoint_every: int = 200  # optimizer steps between mid-epoch checkpoints
+
+    @classmethod
+    def from_section(cls, section: Any, seed: int, **extra: Any) -> "LoopSettings":
+        """The loop settings a params section (``mirm``, ``sasrec``, ``train``) defines: every field of
+        this class the section has under the same name, plus ``seed`` and ``extra`` (fields the
+        section names differently)."""
+        names = {f.name for f in fields(cls)} - {"seed"} - extra.keys()
+        return cls(seed=seed, **{n: getattr(section, n) for n in names if hasattr(section, n)}, **extra)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1 or self.validate_every < 1 or self.checkpoint_every < 1:

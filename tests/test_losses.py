@@ -7,14 +7,7 @@ import torch.nn.functional as F
 from molar import losses
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the OpenMP
-    # spin-waits of a second thread make them many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _case(seed=0, b=3, length=5, d=4, n_items=7, dtype=torch.float64):

@@ -21,14 +21,7 @@ from molar.models.sasrec import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the OpenMP
-    # spin-waits of a second thread make them many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _model(n_items=12, max_length=6, seed=0, **kw) -> SASRec:

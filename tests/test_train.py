@@ -15,14 +15,7 @@ from molar.train import CHECKPOINT, LoopSettings, epoch_rng, fit, lr_factor
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the OpenMP
-    # spin-waits of a second thread make them many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 # A tiny run that draws from every RNG the loop checkpoints (torch: dropout and noise, numpy,
 # python), uses gradient accumulation with a short last window, validates every epoch and

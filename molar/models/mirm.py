@@ -600,17 +600,8 @@ def finetune(
         visual.requires_grad_(False)  # never used without images: no gradients, no optimizer state
     if params.finetune == "lora":
         model = add_lora(model, params.lora_r, params.lora_alpha, params.lora_dropout)
-    settings = LoopSettings(
-        lr=params.lr,
-        epochs=params.epochs,
-        seed=seed,
-        weight_decay=params.weight_decay,
-        warmup_ratio=params.warmup_ratio,
-        warmup_start_factor=params.warmup_start_factor,
-        grad_accum=params.grad_accum,
-        grad_clip=params.grad_clip,
-        mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[params.dtype],
-        checkpoint_every=params.checkpoint_every,
+    settings = LoopSettings.from_section(
+        params, seed, mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[params.dtype]
     )
 
     def compute_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

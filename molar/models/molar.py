@@ -608,18 +608,7 @@ def train_molar(
             ks=(10,), mask_history=mask_history, chunk_size=eval_chunk_size, progress=False,
         )
 
-    settings = LoopSettings(
-        lr=t.lr,
-        epochs=t.epochs,
-        seed=params.seed,
-        weight_decay=t.weight_decay,
-        warmup_ratio=t.warmup_ratio,
-        grad_accum=t.grad_accum,
-        grad_clip=t.grad_clip,
-        mixed_precision=t.mixed_precision,
-        patience=t.patience,
-        checkpoint_every=t.checkpoint_every,
-    )
+    settings = LoopSettings.from_section(t, params.seed)
     result = fit(
         model, settings, batches, len(batches), objective, state_dir=state_dir, run_key=run_key,
         validate=validate, select_metric="ndcg@10", on_epoch_end=on_epoch_end, desc=desc,

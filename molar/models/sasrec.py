@@ -290,17 +290,7 @@ def train_sasrec(
     model = SASRec(config)
     process = process_state()
     batches = NextItemBatches(train, params.max_length, params.batch_size, seed, process.process_index, process.num_processes)
-    settings = LoopSettings(
-        lr=params.lr,
-        epochs=params.epochs,
-        seed=seed,
-        weight_decay=params.weight_decay,
-        warmup_ratio=params.warmup_ratio,
-        grad_clip=params.grad_clip,
-        patience=params.patience,
-        validate_every=params.eval_every,
-        checkpoint_every=params.checkpoint_every,
-    )
+    settings = LoopSettings.from_section(params, seed, validate_every=params.eval_every)
 
     def compute_loss(m: SASRec, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch
