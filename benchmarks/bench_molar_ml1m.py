@@ -50,11 +50,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cached_json(path: Path, compute):
-    """The JSON at ``path``, else ``compute()`` written there (phases survive a rerun)."""
+def cached_json(path: Path, compute, key: str = ""):
+    """The JSON at ``path`` if it was computed under ``key``, else ``compute()`` written there with
+    the key (phases survive a rerun; a phase whose params changed is recomputed, not reused)."""
     if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
+        value = json.loads(path.read_text())
+        if value.get("key", "") == key:
+            return value
+        log(f"{path}: computed under another key ({value.get('key')!r} != {key!r}); recomputing")
+    value = {**compute(), "key": key}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2) + "\n")
     return value
@@ -106,6 +110,7 @@ def test_metrics(score_fn, tables, n_items, params) -> dict:
 
 def run_sasrec(params, tables, n_items):
     from molar.models.sasrec import SASRec, load_scorer, train_sasrec
+    from molar.train import run_defining, run_key
 
     model_dir = OUT / "sasrec" / "model"
 
@@ -123,9 +128,11 @@ def run_sasrec(params, tables, n_items):
             "test": test_metrics(load_scorer(model), tables, n_items, params),
             "best_valid_ndcg@10": result.best_metric, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
             "seconds_per_epoch": sum(seconds) / len(seconds), "resumed": result.resumed,
+            "params": params.sasrec.model_dump(mode="json"),
         }
 
-    record = cached_json(OUT / "sasrec" / "result.json", compute)
+    key = run_key("bench-sasrec", run_defining(params.sasrec.model_dump(mode="json")), params.seed, n_items)
+    record = cached_json(OUT / "sasrec" / "result.json", compute, key)
     return SASRec.from_pretrained(model_dir), record
 
 
@@ -142,24 +149,24 @@ def item_table(params, tables):
     return backbone, table, time.perf_counter() - started
 
 
-def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec) -> dict:
+def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec, sasrec_key: str) -> dict:
     import copy
 
     from molar.models import molar as M
     from molar.models.dueg import decoder_of, user_embedding_of
-    from molar.train import run_key
+    from molar.train import run_defining, run_key
 
     out = OUT / f"molar-alpha{alpha:g}"
+    p = params.model_copy(update={"align": params.align.model_copy(update={"alpha": alpha})})
+    key = run_key("bench-molar-ml1m", run_defining(p.section_dict("train")), p.section_dict("align"), p.section_dict("dueg"),
+                  p.seed, run_key(table), n_items, sasrec_key)
 
     def compute():
-        p = params.model_copy(update={"align": params.align.model_copy(update={"alpha": alpha})})
         decoder = copy.deepcopy(decoder_of(backbone.model)).float()
         model = M.build_model(decoder, M.CachedItems(table), p, id_dim=int(sasrec.config.hidden_size),
                               user_embedding=user_embedding_of(backbone.model, backbone.tokenizer))
         train = tables["train"].sort("user_idx")["items"].to_list()
         valid = tables["valid"].sort("user_idx")
-        key = run_key("bench-molar-ml1m", p.section_dict("train"), p.section_dict("align"), p.section_dict("dueg"),
-                            p.seed, run_key(table), n_items)
         started = time.perf_counter()
         result, step_log = M.train_molar(
             model, train, valid["history"].to_list(), valid["target"].to_list(), p, sasrec,
@@ -178,7 +185,7 @@ def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec) ->
             "history": result.history, "resumed": result.resumed, "wall_seconds": wall, "peak_rss_mib": peak_mib(),
         }
 
-    return cached_json(out / "result.json", compute)
+    return cached_json(out / "result.json", compute, key)
 
 
 def full_depth_throughput(backbone, table, params, tables, steps: int = 3) -> dict:
@@ -309,7 +316,7 @@ def main() -> None:
         log(f"item embeddings: {table.shape[0] - 1} x {table.shape[1]} in {embed_seconds:.0f}s (cached when ~0)")
         report["molar"] = {}
         for alpha in alphas:
-            report["molar"][alpha] = run_molar(params, alpha, tables, n_items, backbone, table, sasrec)
+            report["molar"][alpha] = run_molar(params, alpha, tables, n_items, backbone, table, sasrec, report["sasrec"]["key"])
             log(f"molar alpha={alpha:g}: {report['molar'][alpha]['test']}")
         report["full_depth"] = full_depth_throughput(backbone, table, params, tables)
         log(f"full-depth DUEG: {report['full_depth']}")
@@ -321,7 +328,8 @@ def main() -> None:
     print(f"\nMolar on ML-1M, test split (full catalog, history masked), {args.threads} CPU threads shared with other jobs")
     if "molar" in report:
         base = report["sasrec"]["test"]
-        print(f"overrides: sasrec {SASREC_OVERRIDES}; train {TRAIN_OVERRIDES} epochs<={args.epochs}; "
+        sasrec_used = {k: report["sasrec"].get("params", {}).get(k) for k in SASREC_OVERRIDES}
+        print(f"overrides: sasrec {sasrec_used} (the run measured); train {TRAIN_OVERRIDES} epochs<={args.epochs}; "
               f"mirm {MIRM_OVERRIDES}; dueg.layers {args.dueg_layers}\n")
         print(f"{'model':<26}{'N@10':>8}{'R@10':>8}{'N@20':>8}{'R@20':>8}{'xN@10':>8}{'xR@10':>8}  valid N@10  epochs")
         print(f"{'popularity':<26}{fmt(report['popularity'], base)}")

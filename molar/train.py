@@ -40,8 +40,15 @@ counter, plus ``run_key``. It is written atomically (temporary file + rename) ev
 point (kill -9 included) restarts from the last checkpoint and, on CPU, ends with bit-identical
 weights and metrics. A checkpoint whose key differs is deleted and training starts fresh: the
 key is the caller's ``run_key`` (a hash of the params and data that define the run) joined with
-a hash of ``settings`` (all but ``checkpoint_every``). A finished run keeps its checkpoint marked done:
-rerunning returns the stored result without training. Checkpoints are read with
+a hash of ``settings`` (all but ``CONTINUABLE``). A finished run keeps its checkpoint marked done:
+rerunning returns the stored result without training.
+
+``checkpoint_every`` and ``patience`` (``CONTINUABLE``) say when to save and when to stop, not how
+to train, so changing them continues a run: on resume the stored validation history is replayed
+under the new ``patience``. Raising it revives a run that stopped early, and the continued run is
+the one a fresh run with that patience would have been; a patience that would have stopped before
+the checkpoint's epoch cannot be honoured from it, so that run starts fresh. Callers hash their
+params with ``run_defining`` to leave the same fields out of ``run_key``. Checkpoints are read with
 ``torch.load(weights_only=True)``.
 """
 
@@ -69,6 +76,8 @@ from tqdm.auto import tqdm
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
+# loop settings that say when to save and when to stop, not how to train: changing them continues a run
+CONTINUABLE = frozenset({"checkpoint_every", "patience"})
 
 
 @dataclass(frozen=True)
@@ -251,6 +260,28 @@ def run_key(*parts: object) -> str:
     return h.hexdigest()[:16]
 
 
+def run_defining(section: dict[str, Any]) -> dict[str, Any]:
+    """A params section (as a dict) without the ``CONTINUABLE`` fields, for hashing into ``run_key``."""
+    return {k: v for k, v in section.items() if k not in CONTINUABLE}
+
+
+def replay_patience(history: list[dict[str, float]], select_metric: str | None, patience: int | None) -> tuple[int | None, int]:
+    """Early stopping replayed over a run's history: (the epoch at which ``patience`` validations
+    without improvement of ``select_metric`` stop the run, or None; the current count of them)."""
+    best, bad = None, 0
+    for record in history:
+        value = record.get(f"valid_{select_metric}")
+        if value is None:  # an epoch without validation
+            continue
+        if best is None or value > best:
+            best, bad = value, 0
+        else:
+            bad += 1
+        if patience is not None and bad >= patience:
+            return int(record["epoch"]), bad
+    return None, bad
+
+
 def sequences_fingerprint(sequences) -> str:
     """A short hash of integer sequences (a split's histories), order and boundaries included."""
     h = hashlib.sha256()
@@ -261,7 +292,7 @@ def sequences_fingerprint(sequences) -> str:
 
 
 def _settings_key(settings: LoopSettings) -> str:
-    fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}  # cadence only
+    fields = {k: v for k, v in asdict(settings).items() if k not in CONTINUABLE}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -316,6 +347,12 @@ def fit(
     for stale in state_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a process killed while saving
         stale.unlink()
     ckpt = load_checkpoint(state_dir, run_key)
+    if ckpt is not None:  # the stored run under this call's patience (it may differ from the stored one's)
+        stop_epoch, bad_so_far = replay_patience(ckpt["history"], select_metric, settings.patience)
+        if stop_epoch is not None and stop_epoch < ckpt["epoch"]:
+            tqdm.write(f"{ckpt_path}: patience {settings.patience} stops this run at epoch {stop_epoch}, "
+                       f"before the checkpoint's epoch {ckpt['epoch']}; starting fresh")
+            ckpt = None
     resumed = ckpt is not None
     if ckpt is None:
         seed_everything(settings.seed)
@@ -336,7 +373,8 @@ def fit(
         sums, epoch_seconds = dict(ckpt["sums"]), ckpt["epoch_seconds"]
         history = [dict(r) for r in ckpt["history"]]
         best_state, best_metric, best_epoch = ckpt["best_state"], ckpt["best_metric"], ckpt["best_epoch"]
-        bad_validations, done, stopped_early = ckpt["bad_validations"], ckpt["done"], ckpt["stopped_early"]
+        bad_validations, stopped_early = bad_so_far, stop_epoch is not None
+        done = stopped_early or epoch == settings.epochs
         where = "finished run" if done else f"epoch {epoch + 1}, batch {batch_done}/{batches_per_epoch}"
         tqdm.write(f"{desc}: resuming from {ckpt_path} ({where})")
 

@@ -30,7 +30,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
     from molar.backbones import DTYPES, load_backbone
     from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
     from molar.models.mirm import backbone_corpus, finetune, make_encoder
-    from molar.train import process_state, run_key
+    from molar.train import process_state, run_defining, run_key
 
     cfg = read_params(params)
     mirm = cfg.mirm
@@ -57,7 +57,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         record: dict = dict(card)
         if training:
             examples = pl.read_parquet(SFT_DATA)
-            key = run_key("mirm", mirm.model_dump(mode="json"), cfg.seed, base_key, examples.hash_rows().to_list())
+            key = run_key("mirm", run_defining(mirm.model_dump(mode="json")), cfg.seed, base_key, examples.hash_rows().to_list())
             result = finetune(backbone, encoder, examples, mirm, cfg.seed, STATE_DIR, key)
             card["run_key"] = key
             record.update(run_key=key, examples=examples.height, steps=result.steps, resumed=result.resumed,

@@ -45,7 +45,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
     from molar.models.dueg import decoder_of, user_embedding_of
     from molar.models.mirm import ItemEmbedder, backbone_corpus, item_texts, make_encoder
     from molar.models.sasrec import SASRec
-    from molar.train import process_state, run_key as make_run_key, sequences_fingerprint
+    from molar.train import process_state, run_defining, run_key as make_run_key, sequences_fingerprint
     from stages.train_mirm import ITEM_EMBEDDINGS, MIRM_DIR
 
     cfg = read_params(params)
@@ -96,7 +96,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
 
         model = M.build_model(decoder, item_side, cfg, id_dim=int(sasrec.config.hidden_size), user_embedding=user_embedding)
         run_key = make_run_key(
-            "molar", cfg.section_dict("train"), cfg.section_dict("align"), cfg.section_dict("dueg"), cfg.seed,
+            "molar", run_defining(cfg.section_dict("train")), cfg.section_dict("align"), cfg.section_dict("dueg"), cfg.seed,
             cfg.eval.mask_history, make_run_key(table), dueg_key, mirm_key, checkpoint_key(SASREC_DIR),
             sequences_fingerprint(split.train), sequences_fingerprint(split.valid.histories), split.valid.targets,
         )

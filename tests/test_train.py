@@ -211,6 +211,36 @@ def test_early_stopping_keeps_the_best_epoch_weights(tmp_path):
     assert [r["valid_ndcg@10"] for r in result.history] == [0.5, 0.7, 0.6, 0.65]
 
 
+def test_changing_patience_continues_the_run_a_fresh_run_would_have_been(tmp_path):
+    x, y = _tiny_problem()
+    scores = [0.5, 0.7, 0.6, 0.65, 0.9, 0.8]  # by epoch; patience 2 stops at 4, patience 3 runs to 6
+
+    def validate_by_epoch(calls: list):
+        def validate(m):
+            calls.append(1)
+            return {"ndcg@10": scores[len(calls) - 1]}
+        return validate
+
+    def run(patience, state_dir, calls):
+        settings = LoopSettings(lr=0.1, epochs=6, seed=0, patience=patience)
+        return fit(_linear(), settings, _batches(x, y, 8), 4, _mse, state_dir, "k", validate_by_epoch(calls), "ndcg@10")
+
+    reference = run(3, tmp_path / "fresh", [])
+    assert not reference.stopped_early and reference.best_epoch == 5
+
+    stopped = run(2, tmp_path / "continued", calls := [])
+    assert stopped.stopped_early and len(stopped.history) == 4
+    continued = run(3, tmp_path / "continued", calls)  # the stopped run revived, not restarted
+    assert continued.resumed and len(calls) == 6  # epochs 5 and 6 only were trained and validated
+    assert continued.history == [dict(r, seconds=c["seconds"]) for r, c in zip(reference.history, continued.history)]
+    assert continued.best_epoch == 5 and not continued.stopped_early
+    for k, v in reference.best_state.items():
+        assert torch.equal(v, continued.best_state[k])
+
+    restarted = run(1, tmp_path / "continued", calls := [])  # patience 1 would have stopped at epoch 3
+    assert not restarted.resumed and len(restarted.history) == 3 and restarted.stopped_early
+
+
 def test_validate_every_skips_epochs_but_always_validates_the_last(tmp_path):
     x, y = _tiny_problem()
     settings = LoopSettings(lr=0.1, epochs=5, seed=0, validate_every=2)

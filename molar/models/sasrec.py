@@ -32,7 +32,17 @@ from torch import nn
 from molar import losses
 from molar.evaluate import frozen_scorer
 from molar.io import atomic_path
-from molar.train import FitResult, LoopSettings, epoch_rng, fit, process_state, run_key, sequences_fingerprint, shard
+from molar.train import (
+    FitResult,
+    LoopSettings,
+    epoch_rng,
+    fit,
+    process_state,
+    run_defining,
+    run_key,
+    sequences_fingerprint,
+    shard,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -312,7 +322,7 @@ def train_sasrec(
 
     key = run_key(
         "sasrec",
-        params.model_dump(mode="json", exclude={"checkpoint_every"}),
+        run_defining(params.model_dump(mode="json")),
         seed,
         n_items,
         mask_history,
