@@ -94,6 +94,7 @@ def run_variant(params_path: Path, loss: str, threads: int, out_dir: Path) -> di
         "resumed": result.resumed,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": threads,
+        "load_average_15min": os.getloadavg()[2],  # at the end; above ``threads``, other work shared the cores
         "history": result.history,
     }
     return record
@@ -131,16 +132,18 @@ def main() -> None:
         records[loss] = json.loads((out_dir / "result.json").read_text())
 
     base = records[losses[-1]]
-    print(f"\nSASRec on ML-1M, test split (full catalog, history masked), {args.threads} CPU threads; params {args.params}")
-    print("timings are approximate: other processes shared the 2 cores during the run\n")
-    head = f"{'loss':<12}{'N@10':>8}{'R@10':>8}{'N@20':>8}{'R@20':>8}{'xN@10':>8}{'xR@10':>8}{'best ep':>9}{'epochs':>8}{'s/epoch':>9}{'peak MiB':>10}"
+    print(f"\nSASRec on ML-1M, test split (full catalog, history masked); params {args.params}")
+    print("threads: torch threads of the run; load: the machine's 15-minute load average as it ended (above threads, other work shared the cores)\n")
+    head = (f"{'loss':<12}{'N@10':>8}{'R@10':>8}{'N@20':>8}{'R@20':>8}{'xN@10':>8}{'xR@10':>8}{'best ep':>9}{'epochs':>8}"
+            f"{'s/epoch':>9}{'threads':>9}{'load':>6}{'peak MiB':>10}")
     print(head)
     for loss, r in records.items():
         t = r["test"]
         print(
             f"{loss:<12}{t['ndcg@10']:>8.4f}{t['recall@10']:>8.4f}{t.get('ndcg@20', float('nan')):>8.4f}{t.get('recall@20', float('nan')):>8.4f}"
             f"{t['ndcg@10'] / base['test']['ndcg@10']:>8.2f}{t['recall@10'] / base['test']['recall@10']:>8.2f}"
-            f"{r['best_epoch']:>9}{r['epochs_run']:>8}{r['seconds_per_epoch']:>9.1f}{r['peak_rss_mib']:>10.0f}"
+            f"{r['best_epoch']:>9}{r['epochs_run']:>8}{r['seconds_per_epoch']:>9.1f}{r['threads']:>9}"
+            f"{r.get('load_average_15min', float('nan')):>6.1f}{r['peak_rss_mib']:>10.0f}"
         )
     print(f"(x = ratio to the {losses[-1]} baseline of this run)\n\nanchors from the literature (their ML-1M file has 1-2 more items per user):")
     for name, (n10, r10) in ANCHORS.items():
