@@ -264,10 +264,14 @@ def embedded_default_throughput() -> dict:
 
 
 # --------------------------------------------------------------------------------- report
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")  # a smoke run can score 0
+
+
 def fmt(m: dict, base: dict | None) -> str:
     cells = f"{m['ndcg@10']:>8.4f}{m['recall@10']:>8.4f}{m['ndcg@20']:>8.4f}{m['recall@20']:>8.4f}"
     if base:
-        cells += f"{m['ndcg@10'] / base['ndcg@10']:>8.2f}{m['recall@10'] / base['recall@10']:>8.2f}"
+        cells += f"{ratio(m['ndcg@10'], base['ndcg@10']):>8.2f}{ratio(m['recall@10'], base['recall@10']):>8.2f}"
     return cells
 
 
@@ -342,7 +346,7 @@ def main() -> None:
             print(f"{('Molar a=' + format(alpha, 'g') + tag):<26}{fmt(r['test'], base)}  {r['best_valid_ndcg@10']:>10.4f}  "
                   f"{r['best_epoch']}/{r['epochs_run']}  ({r['seconds_per_epoch'] / 60:.1f} min/epoch)")
         if best is not None and 0.0 in report["molar"]:
-            gain = report["molar"][best]["test"]["ndcg@10"] / report["molar"][0.0]["test"]["ndcg@10"]
+            gain = ratio(report["molar"][best]["test"]["ndcg@10"], report["molar"][0.0]["test"]["ndcg@10"])
             print(f"\npost-alignment (alpha={best:g} vs 0): test N@10 x{gain:.2f}")
         fd = report["full_depth"]
         print(f"DUEG training throughput on ML-1M (batch {TRAIN_OVERRIDES['batch_size']}, {TRAIN_OVERRIDES['max_length']} items): "
@@ -354,9 +358,9 @@ def main() -> None:
             print(f"  {name:<46} N@10 {n10:.3f}  R@10 {r10:.3f}")
     if "throughput" in report:
         t = report["throughput"]
-        ratio = t["end_to_end"]["sequences_per_s"] / t["cached"]["sequences_per_s"]
+        end_to_end_share = t["end_to_end"]["sequences_per_s"] / t["cached"]["sequences_per_s"]
         print(f"\nembedded default (tiny-qwen2-vl), one train-molar epoch: cached items {t['cached']['sequences_per_s']:.1f} seq/s, "
-              f"end-to-end through MIRM {t['end_to_end']['sequences_per_s']:.2f} seq/s (x{ratio:.3f} of cached)")
+              f"end-to-end through MIRM {t['end_to_end']['sequences_per_s']:.2f} seq/s (x{end_to_end_share:.3f} of cached)")
 
 
 if __name__ == "__main__":
