@@ -34,8 +34,8 @@ Resume
 ------
 ``state_dir/checkpoint.pt`` holds model, optimizer, scheduler and grad-scaler state, the RNG
 states of python/numpy/torch (and CUDA), the epoch and the number of micro-batches done in it,
-the epoch's running loss sums, the history, the best weights and metric and the early-stopping
-counter, plus ``run_key``. It is written atomically (temporary file + rename) every
+the epoch's running loss sums, the history (early stopping is judged from it), the best weights
+and metric, plus ``run_key``. It is written atomically (temporary file + rename) every
 ``checkpoint_every`` optimizer steps and at the end of every epoch, so a process killed at any
 point (kill -9 included) restarts from the last checkpoint and, on CPU, ends with bit-identical
 weights and metrics. A checkpoint whose key differs is deleted and training starts fresh: the
@@ -265,9 +265,10 @@ def run_defining(section: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k not in CONTINUABLE}
 
 
-def replay_patience(history: list[dict[str, float]], select_metric: str | None, patience: int | None) -> tuple[int | None, int]:
-    """Early stopping replayed over a run's history: (the epoch at which ``patience`` validations
-    without improvement of ``select_metric`` stop the run, or None; the current count of them)."""
+def stop_epoch_of(history: list[dict[str, float]], select_metric: str | None, patience: int | None) -> int | None:
+    """The epoch at which early stopping ends a run with this ``history``: the first at which
+    ``patience`` validations in a row have not improved ``select_metric``; None if none has.
+    A pure function of the history, so a resumed run can be judged under another patience."""
     best, bad = None, 0
     for record in history:
         value = record.get(f"valid_{select_metric}")
@@ -278,8 +279,8 @@ def replay_patience(history: list[dict[str, float]], select_metric: str | None, 
         else:
             bad += 1
         if patience is not None and bad >= patience:
-            return int(record["epoch"]), bad
-    return None, bad
+            return int(record["epoch"])
+    return None
 
 
 def sequences_fingerprint(sequences) -> str:
@@ -348,7 +349,7 @@ def fit(
         stale.unlink()
     ckpt = load_checkpoint(state_dir, run_key)
     if ckpt is not None:  # the stored run under this call's patience (it may differ from the stored one's)
-        stop_epoch, bad_so_far = replay_patience(ckpt["history"], select_metric, settings.patience)
+        stop_epoch = stop_epoch_of(ckpt["history"], select_metric, settings.patience)
         if stop_epoch is not None and stop_epoch < ckpt["epoch"]:
             tqdm.write(f"{ckpt_path}: patience {settings.patience} stops this run at epoch {stop_epoch}, "
                        f"before the checkpoint's epoch {ckpt['epoch']}; starting fresh")
@@ -362,7 +363,7 @@ def fit(
         history: list[dict[str, float]] = []
         best_state: dict[str, torch.Tensor] | None = None
         best_metric: float | None = None
-        best_epoch, bad_validations, done, stopped_early = 0, 0, False, False
+        best_epoch, done, stopped_early = 0, False, False
     else:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -373,7 +374,7 @@ def fit(
         sums, epoch_seconds = dict(ckpt["sums"]), ckpt["epoch_seconds"]
         history = [dict(r) for r in ckpt["history"]]
         best_state, best_metric, best_epoch = ckpt["best_state"], ckpt["best_metric"], ckpt["best_epoch"]
-        bad_validations, stopped_early = bad_so_far, stop_epoch is not None
+        stopped_early = stop_epoch is not None
         done = stopped_early or epoch == settings.epochs
         where = "finished run" if done else f"epoch {epoch + 1}, batch {batch_done}/{batches_per_epoch}"
         tqdm.write(f"{desc}: resuming from {ckpt_path} ({where})")
@@ -395,7 +396,6 @@ def fit(
                 "best_state": best_state,
                 "best_metric": best_metric,
                 "best_epoch": best_epoch,
-                "bad_validations": bad_validations,
                 "done": done,
                 "stopped_early": stopped_early,
                 "model": raw_model.state_dict(),
@@ -483,13 +483,10 @@ def fit(
             record.update({f"valid_{k}": float(v) for k, v in metrics.items()})
             value = float(metrics[select_metric])
             if best_metric is None or value > best_metric:
-                best_metric, best_epoch, bad_validations = value, epoch + 1, 0
+                best_metric, best_epoch = value, epoch + 1
                 best_state = _cpu_state(raw_model)
-            else:
-                bad_validations += 1
-            if settings.patience is not None and bad_validations >= settings.patience:
-                stopped_early = True
         history.append(record)
+        stopped_early = stop_epoch_of(history, select_metric, settings.patience) is not None
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
         tqdm.write(f"{desc} epoch {epoch + 1}: {shown}")
         if on_epoch_end is not None:
