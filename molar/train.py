@@ -240,7 +240,12 @@ def shard(batches: list, rank: int, world: int) -> list:
     if not 0 <= rank < world:
         raise ValueError(f"process rank {rank} is outside the world of {world}")
     mine = batches[rank::world]
-    return [*mine, *batches[: -(-len(batches) // world) - len(mine)]]
+    return [*mine, *batches[: shard_len(len(batches), world) - len(mine)]]
+
+
+def shard_len(n_batches: int, world: int) -> int:
+    """How many of an epoch's ``n_batches`` each of ``world`` processes takes (``shard``)."""
+    return -(-n_batches // world)
 
 
 def run_key(*parts: object) -> str:

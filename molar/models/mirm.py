@@ -540,7 +540,9 @@ class SftBatches:
         self.global_batches = -(-len(self.encoded) // batch_size)
 
     def __len__(self) -> int:
-        return -(-self.global_batches // self.world)
+        from molar.train import shard_len
+
+        return shard_len(self.global_batches, self.world)
 
     def indices(self, epoch: int) -> list[list[int]]:
         from molar.train import epoch_rng, shard

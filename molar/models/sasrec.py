@@ -42,6 +42,7 @@ from molar.train import (
     run_key,
     sequences_fingerprint,
     shard,
+    shard_len,
 )
 
 CONFIG_FILE = "config.json"
@@ -259,7 +260,7 @@ class NextItemBatches:
         self.rank, self.world = rank, world  # several processes: each takes its share (molar.train.shard)
 
     def __len__(self) -> int:
-        return -(-math.ceil(len(self.lengths) / self.batch_size) // self.world)
+        return shard_len(math.ceil(len(self.lengths) / self.batch_size), self.world)
 
     def __call__(self, epoch: int):
         order = epoch_rng(self.seed, epoch).permutation(len(self.lengths))
