@@ -14,10 +14,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from molar.errors import UserError
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """A params file that cannot be used; the message names file, line, key and fix."""
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from molar.errors import UserError
+
 CUR_ITEM = "[Cur_Item]"
 USER = "[User]"
 TINY_QWEN2_VL = "tiny-qwen2-vl"
@@ -37,11 +39,11 @@ QWEN2_VL_FAMILY = ("qwen2_vl", "qwen2_5_vl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone that cannot serve the request (wrong family, images for a text-only model, ...)."""
 
 
-class BackboneNotFoundError(FileNotFoundError):
+class BackboneNotFoundError(UserError, FileNotFoundError):
     """``mirm.backbone`` names nothing on this machine; the message says what to do."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
+from molar.errors import UserError
+
 ITEMS_SCHEMA = {
     "item_id": pl.String,
     "title": pl.String,
@@ -30,7 +32,7 @@ INTERACTIONS_SCHEMA = {
 }
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError):
     """Input that does not match its format; the message names file, line and what was expected."""
 
 
