@@ -213,6 +213,7 @@ class Params(Section):
     dueg: DuegParams = DuegParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
+    threads: int = Field(1, ge=0)
 
     def section_dict(self, name: str) -> dict:
         """One section as plain data (for hashing the params a stage depends on)."""

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Input that cannot be used as given; the message names the file, line or key, and the fix."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder a stage reads is not there: a path the user gave, or the output of a stage that has not run."""

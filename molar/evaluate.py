@@ -48,7 +48,10 @@ _MIN_TILE_ROWS = 8  # fewer rows per matrix product wastes the BLAS kernel
 
 
 class NonFiniteScoreError(ValueError):
-    """A model produced NaN scores; ranking them would silently give a wrong number."""
+    """A model produced NaN scores; ranking them would silently give a wrong number.
+
+    Not a UserError: NaN scores come from the model or its training code, so the stage keeps the
+    traceback that shows where."""
 
 
 # ------------------------------------------------------------------------------------ public

@@ -1,13 +1,16 @@
 """Atomic output writers and the pipeline's file locations.
 
 Every stage output is written to a temporary sibling and renamed into place, so an interrupted
-stage never leaves a half-written file for DVC to cache.
+stage never leaves a half-written file for DVC to cache. A kill -9 can still leave the temporary
+sibling itself; ``sweep_temps`` removes those of one output (each stage calls it on its own outputs
+before it starts, stages/common.py:prepare_outputs).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -34,7 +37,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))  # see _is_temp_of
     target = tmp / path.name
     try:
         yield target
@@ -43,6 +46,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_temp_of(path: Path, name: str) -> bool:
+    """Whether ``name`` is a temporary sibling ``atomic_path(path)`` makes: ``.<name>.<random>.tmp``.
+
+    The random part (from mkdtemp) has no dot, so the temporary of ``eval.json.bak`` is never taken
+    for one of ``eval.json``.
+    """
+    return re.fullmatch(rf"\.{re.escape(path.name)}\.[^.]+\.tmp", name) is not None
+
+
+def sweep_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings an interrupted ``atomic_path(path)`` left; return them.
+
+    Only ``path``'s own temporaries go, nothing else in its folder. Call it before writing ``path``,
+    never while another process may be writing it.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(p for p in path.parent.iterdir() if _is_temp_of(path, p.name))
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)  # another process of the same stage may have swept it first
+    return stale
 
 
 def write_parquet(df: pl.DataFrame, path: str | Path) -> None:

@@ -62,7 +62,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -73,6 +72,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
+
+from molar.io import atomic_path, sweep_temps
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -193,17 +194,10 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary sibling, fsync, rename: a kill leaves the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(state_dir: Path, run_key: str) -> dict[str, Any] | None:
@@ -350,8 +344,7 @@ def fit(
     raw_model = accelerator.unwrap_model(model)
 
     # ---------------------------------------------------------------- fresh start or resume
-    for stale in state_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a process killed while saving
-        stale.unlink()
+    sweep_temps(ckpt_path)  # left by a process killed while saving
     ckpt = load_checkpoint(state_dir, run_key)
     if ckpt is not None:  # the stored run under this call's patience (it may differ from the stored one's)
         stop_epoch = stop_epoch_of(ckpt["history"], select_metric, settings.patience)

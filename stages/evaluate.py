@@ -14,7 +14,8 @@ import typer
 from molar.config import Params
 from molar.data.split import SplitData, Targets, load_split
 from molar.io import METRICS, MODELS, PROCESSED, atomic_path, write_json
-from stages.common import PARAMS_OPTION, read_params, user_errors
+from molar.errors import UserError
+from stages.common import PARAMS_OPTION, prepare_outputs, read_params, use_threads, user_errors
 
 if TYPE_CHECKING:  # torch loads only when a stage runs: `molar --help` stays fast
     import torch
@@ -61,12 +62,14 @@ def main(params: Path = PARAMS_OPTION) -> None:
     from molar.evaluate import evaluate_scorer  # imported here so `molar --help` stays fast
 
     cfg = read_params(params)
+    prepare_outputs(METRICS / "valid.json", METRICS / "eval.json", METRICS / "eval_by_k.csv")
+    use_threads(cfg)
     torch.manual_seed(cfg.seed)
     with user_errors():
         split = load_split(PROCESSED)
         unknown = [m for m in cfg.eval.models if m not in SCORERS]
         if unknown:
-            raise ValueError(f"eval.models: no scorer for {unknown}; available: {', '.join(SCORERS)}")
+            raise UserError(f"eval.models: no scorer for {unknown}; available: {', '.join(SCORERS)}")
     results: dict[str, dict] = {"valid": {}, "test": {}}
     for name in cfg.eval.models:
         with user_errors():

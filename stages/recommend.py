@@ -17,7 +17,8 @@ from typing import Sequence
 import typer
 
 from molar.io import MODELS, PROCESSED
-from stages.common import PARAMS_OPTION, read_params, user_errors
+from molar.errors import UserError
+from stages.common import PARAMS_OPTION, read_params, use_threads, user_errors
 
 MODEL_DIR = MODELS / "molar"
 
@@ -28,7 +29,7 @@ def user_sequence(split, user_id: str) -> list[int]:
         user_idx = split.user_ids.index(user_id)
     except ValueError:
         shown = ", ".join(split.user_ids[:5])
-        raise ValueError(f"--user: no user {user_id!r} in {PROCESSED}/ (user ids look like: {shown}, ...)") from None
+        raise UserError(f"--user: no user {user_id!r} in {PROCESSED}/ (user ids look like: {shown}, ...)") from None
     row = split.test.user_idx.index(user_idx)
     return list(split.test.histories[row]) + [split.test.targets[row]]
 
@@ -38,10 +39,10 @@ def parse_history(text: str, item_ids: Sequence[str]) -> list[int]:
     index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
     given = [t.strip() for t in text.split(",") if t.strip()]
     if not given:
-        raise ValueError("--history: give at least one item id, e.g. --history 12,7,33")
+        raise UserError("--history: give at least one item id, e.g. --history 12,7,33")
     unknown = [t for t in given if t not in index]
     if unknown:
-        raise ValueError(f"--history: unknown item id(s) {', '.join(unknown)} (not in the catalog of {PROCESSED}/items.parquet)")
+        raise UserError(f"--history: unknown item id(s) {', '.join(unknown)} (not in the catalog of {PROCESSED}/items.parquet)")
     return [index[t] for t in given]
 
 
@@ -61,7 +62,7 @@ def top_k(scores, history: Sequence[int], k: int, mask_history: bool) -> list[tu
         scores[sorted(excluded)] = float("-inf")
     candidates = scores.shape[0] - len(excluded)
     if k < 1 or k > candidates:
-        raise ValueError(f"--k must be between 1 and {candidates} (the catalog minus padding and masked history), got {k}")
+        raise UserError(f"--k must be between 1 and {candidates} (the catalog minus padding and masked history), got {k}")
     # stable order among ties: highest score first, then the lower item id
     order = torch.argsort(-scores, stable=True)[:k]
     return [(int(i), float(scores[i])) for i in order]
@@ -81,17 +82,18 @@ def main(
     from molar.models.molar import MolarModel
 
     cfg = read_params(params)
+    use_threads(cfg)
     with user_errors():
         if (user is None) == (history is None):
-            raise ValueError("give exactly one of --user USER_ID or --history ITEM_ID,...")
+            raise UserError("give exactly one of --user USER_ID or --history ITEM_ID,...")
         if output not in ("text", "json"):
-            raise ValueError(f"--format must be text or json, got {output!r}")
+            raise UserError(f"--format must be text or json, got {output!r}")
         split = load_split(PROCESSED)
         item_ids = split.items["item_id"].to_list()
         seq = user_sequence(split, user) if user is not None else parse_history(history, item_ids)
         model = MolarModel.from_pretrained(model_dir)
         if model.config.n_items != split.n_items:
-            raise ValueError(f"{model_dir} was trained on {model.config.n_items} items, {PROCESSED}/ has {split.n_items}; rerun `dvc repro`")
+            raise UserError(f"{model_dir} was trained on {model.config.n_items} items, {PROCESSED}/ has {split.n_items}; rerun `dvc repro`")
         with torch.no_grad():
             scores = model.score([seq])[0]
         best = top_k(scores, seq, k, cfg.eval.mask_history)

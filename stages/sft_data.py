@@ -9,13 +9,15 @@ import typer
 from molar.data.split import load_split
 from molar.io import METRICS, PROCESSED, write_json, write_parquet
 from molar.sft import synthesize
-from stages.common import PARAMS_OPTION, read_params, user_errors
+from stages.common import PARAMS_OPTION, prepare_outputs, read_params, user_errors
 
 SFT_DATA = Path("data/sft/sft.parquet")
+REPORT = METRICS / "sft.json"
 
 
 def main(params: Path = PARAMS_OPTION) -> None:
     cfg = read_params(params)
+    prepare_outputs(SFT_DATA, REPORT)
     with user_errors():
         split = load_split(PROCESSED)
         table, report = synthesize(
@@ -28,6 +30,6 @@ def main(params: Path = PARAMS_OPTION) -> None:
             use_images="image" in cfg.mirm.modalities,
         )
     write_parquet(table, SFT_DATA)
-    write_json(report, METRICS / "sft.json")
+    write_json(report, REPORT)
     counts = ", ".join(f"{task} {n:,}" for task, n in report["tasks"].items())
     typer.echo(f"sft-data: {counts} (IT text fallback: {report.get('it_text_fallback', 0):,}) -> {SFT_DATA}")

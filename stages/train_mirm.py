@@ -17,12 +17,13 @@ import polars as pl
 import typer
 
 from molar.io import METRICS, MODELS, PROCESSED, STATE, atomic_path, write_json
-from stages.common import PARAMS_OPTION, read_params, user_errors
+from stages.common import PARAMS_OPTION, prepare_outputs, read_params, require_input, use_threads, user_errors
 from stages.sft_data import SFT_DATA
 
 MIRM_DIR = MODELS / "mirm"
 ITEM_EMBEDDINGS = MODELS / "mirm-items.safetensors"
 STATE_DIR = STATE / "train-mirm"
+RECORD = METRICS / "mirm.json"
 
 
 def main(params: Path = PARAMS_OPTION) -> None:
@@ -30,14 +31,16 @@ def main(params: Path = PARAMS_OPTION) -> None:
     from molar.backbones import DTYPES, load_backbone
     from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
     from molar.models.mirm import backbone_corpus, finetune, make_encoder
-    from molar.train import process_state, run_defining, run_key
+    from molar.train import CHECKPOINT, process_state, run_defining, run_key
 
     cfg = read_params(params)
+    prepare_outputs(MIRM_DIR, ITEM_EMBEDDINGS, STATE_DIR / CHECKPOINT, RECORD)
+    threads = use_threads(cfg)
     mirm = cfg.mirm
     state = process_state()
     started = time.perf_counter()
     with user_errors():
-        items = pl.read_parquet(PROCESSED / "items.parquet").sort("item_idx")
+        items = pl.read_parquet(require_input(PROCESSED / "items.parquet", "split")).sort("item_idx")
         training = mirm.finetune != "none"
         load = dict(
             corpus=backbone_corpus(items),
@@ -56,7 +59,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
                 "modalities": mirm.modalities, "lora": "merged into the weights" if mirm.finetune == "lora" else None}
         record: dict = dict(card)
         if training:
-            examples = pl.read_parquet(SFT_DATA)
+            examples = pl.read_parquet(require_input(SFT_DATA, "sft-data"))
             key = run_key("mirm", run_defining(mirm.model_dump(mode="json")), cfg.seed, base_key, examples.hash_rows().to_list())
             result = finetune(backbone, encoder, examples, mirm, cfg.seed, STATE_DIR, key)
             card["run_key"] = key
@@ -81,9 +84,10 @@ def main(params: Path = PARAMS_OPTION) -> None:
             hidden_size=table.shape[1],
             item_embedding_norm_mean=float(norms.mean()),
             item_embedding_std=float(table[1:].std(dim=0).mean()),  # ~0 would mean collapsed embeddings
+            threads=threads,  # results are bit-identical for one thread count only
             seconds=round(time.perf_counter() - started, 1),
         )
-        write_json(record, METRICS / "mirm.json")
+        write_json(record, RECORD)
         typer.echo(
             f"train-mirm ({mirm.backbone}, {mirm.finetune}): {table.shape[0] - 1:,} item embeddings of size "
             f"{table.shape[1]} -> {MIRM_DIR}/, {ITEM_EMBEDDINGS}"

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import typer
 
+from molar.errors import MissingInputError, UserError
 from molar.io import METRICS, MODELS, PROCESSED, STATE, write_json
-from stages.common import PARAMS_OPTION, read_params, user_errors
+from stages.common import PARAMS_OPTION, prepare_outputs, read_params, use_threads, user_errors
 
 MODEL_DIR = MODELS / "molar"
 SASREC_DIR = MODELS / "sasrec"
 STATE_DIR = STATE / "train-molar"
 CURVES = METRICS / "molar_train"
+EPOCHS_CSV, STEPS_CSV, SUMMARY = CURVES / "epochs.csv", CURVES / "steps.csv", CURVES / "summary.json"
 EPOCH_COLUMNS = ("epoch", "loss", "bce", "sampled_ce", "align", "id_loss", "user_std", "item_std", "live_negatives",
                  "valid_ndcg@10", "valid_recall@10", "lr", "seconds")
 
@@ -45,10 +47,12 @@ def main(params: Path = PARAMS_OPTION) -> None:
     from molar.models.dueg import decoder_of, user_embedding_of
     from molar.models.mirm import ItemEmbedder, backbone_corpus, item_texts, make_encoder
     from molar.models.sasrec import SASRec
-    from molar.train import process_state, run_defining, run_key as make_run_key, sequences_fingerprint
+    from molar.train import CHECKPOINT, process_state, run_defining, run_key as make_run_key, sequences_fingerprint
     from stages.train_mirm import ITEM_EMBEDDINGS, MIRM_DIR
 
     cfg = read_params(params)
+    prepare_outputs(MODEL_DIR, STATE_DIR / CHECKPOINT, EPOCHS_CSV, STEPS_CSV, SUMMARY)
+    threads = use_threads(cfg)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     t, mirm = cfg.train, cfg.mirm
@@ -57,7 +61,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         items = pl.read_parquet(PROCESSED / "items.parquet").sort("item_idx")
         sasrec = SASRec.from_pretrained(SASREC_DIR)
         if not (MIRM_DIR / "config.json").exists():
-            raise FileNotFoundError(f"{MIRM_DIR}: no MIRM checkpoint; run `molar train-mirm` first")
+            raise MissingInputError(f"{MIRM_DIR}: no MIRM checkpoint; run `molar train-mirm` first")
         load = dict(modalities=mirm.modalities, image_min_pixels=mirm.image_min_pixels,
                     image_max_pixels=mirm.image_max_pixels, trust_remote_code=mirm.trust_remote_code)
         # end to end, MIRM trains in float32 master weights (mixed precision comes from the loop)
@@ -65,7 +69,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         encoder = make_encoder(mirm_bb, mirm, cfg.data.source)
         table = cached_catalog_embeddings(ITEM_EMBEDDINGS, mirm_bb, encoder, items, mirm.embed_batch_size, mirm.dtype)
         if table.shape[0] != split.n_items + 1:
-            raise ValueError(f"{ITEM_EMBEDDINGS}: {table.shape[0] - 1} items, the split has {split.n_items}; rerun `dvc repro`")
+            raise UserError(f"{ITEM_EMBEDDINGS}: {table.shape[0] - 1} items, the split has {split.n_items}; rerun `dvc repro`")
 
         # DUEG: the decoder of the base backbone or of the fine-tuned MIRM, a copy of its own
         if cfg.dueg.init == "base":
@@ -103,18 +107,16 @@ def main(params: Path = PARAMS_OPTION) -> None:
 
         def on_epoch_end(epoch: int, record: dict) -> None:
             if process_state().is_main_process:
-                M.rows_to_csv(epoch_rows(result_history + [record]), CURVES / "epochs.csv")
+                M.rows_to_csv(epoch_rows(result_history + [record]), EPOCHS_CSV)
             result_history.append(record)
 
         result_history: list[dict] = []
-        try:
-            result, step_log = M.train_molar(
-                model, split.train, split.valid.histories, split.valid.targets, cfg, sasrec,
-                state_dir=STATE_DIR, run_key=run_key, mask_history=cfg.eval.mask_history,
-                eval_chunk_size=cfg.eval.user_chunk_size, on_epoch_end=on_epoch_end,
-            )
-        except M.CollapseError as err:
-            raise ValueError(str(err)) from None
+        # a CollapseError (a UserError: these params collapsed the embeddings) ends here with its advice
+        result, step_log = M.train_molar(
+            model, split.train, split.valid.histories, split.valid.targets, cfg, sasrec,
+            state_dir=STATE_DIR, run_key=run_key, mask_history=cfg.eval.mask_history,
+            eval_chunk_size=cfg.eval.user_chunk_size, on_epoch_end=on_epoch_end,
+        )
 
     if step_log is None:  # not the main process of a multi-process run: it writes nothing
         process_state().wait_for_everyone()  # returns once the main process has written the outputs
@@ -123,8 +125,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
     model.save_pretrained(MODEL_DIR, extra=extra)
     if cfg.align.train_id_model:
         model.id_model.save_pretrained(MODEL_DIR / "id_model")  # the co-trained SASRec, beside DUEG
-    M.rows_to_csv(epoch_rows(result.history), CURVES / "epochs.csv")
-    M.rows_to_csv(step_log.rows(), CURVES / "steps.csv")
+    M.rows_to_csv(epoch_rows(result.history), EPOCHS_CSV)
+    M.rows_to_csv(step_log.rows(), STEPS_CSV)
     best = next(r for r in result.history if r["epoch"] == result.best_epoch)
     trained_sequences = sum(1 for s in split.train if len(s) >= 2) * len(result.history)
     summary = {
@@ -139,12 +141,13 @@ def main(params: Path = PARAMS_OPTION) -> None:
         "valid_ndcg@10": round(result.best_metric, 6),
         "valid_recall@10": round(best["valid_recall@10"], 6),
         "train_seconds": round(sum(r["seconds"] for r in result.history), 2),
+        "threads": threads,  # results are bit-identical for one thread count only
     }
     if not result.resumed:  # a replayed or partly replayed run has no honest throughput
         # training sequences per second of training (validation and checkpoints not counted)
         summary["sequences_per_second"] = round(trained_sequences / max(summary["train_seconds"], 1e-9), 2)
     summary["stage_seconds"] = round(time.perf_counter() - started, 1)
-    write_json(summary, CURVES / "summary.json")
+    write_json(summary, SUMMARY)
     typer.echo(
         f"train-molar: best epoch {result.best_epoch}/{len(result.history)} (valid NDCG@10 {result.best_metric:.4f}, "
         f"alpha {cfg.align.alpha}, {'end-to-end' if t.mirm_trainable else 'cached items'}) -> {MODEL_DIR}/"

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from molar.io import METRICS, MODELS, PROCESSED, STATE, atomic_path, write_json
-from stages.common import PARAMS_OPTION, read_params, user_errors
+from stages.common import PARAMS_OPTION, prepare_outputs, read_params, use_threads, user_errors
 
 MODEL_DIR = MODELS / "sasrec"
 STATE_DIR = STATE / "train-sasrec"
@@ -39,9 +39,11 @@ def main(params: Path = PARAMS_OPTION) -> None:
 
     from molar.data.split import load_split
     from molar.models.sasrec import train_sasrec
-    from molar.train import process_state
+    from molar.train import CHECKPOINT, process_state
 
     cfg = read_params(params)
+    prepare_outputs(MODEL_DIR, STATE_DIR / CHECKPOINT, CURVE, SUMMARY)
+    threads = use_threads(cfg)
     with user_errors():
         split = load_split(PROCESSED)
     torch.manual_seed(cfg.seed)
@@ -73,6 +75,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
             "train_loss": round(best["loss"], 6),
             "valid_ndcg@10": round(result.best_metric, 6),
             "valid_recall@10": round(best["valid_recall@10"], 6),
+            "threads": threads,  # results are bit-identical for one thread count only
         },
         SUMMARY,
     )

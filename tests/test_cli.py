@@ -28,3 +28,14 @@ def test_reader_path_errors_name_the_param(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "data.path" in result.output and "does not exist" in result.output
     assert not (tmp_path / "data" / "interim").exists()  # nothing half-written
+
+
+def test_an_output_folder_that_cannot_be_made_stops_before_the_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").write_text("a file where the metrics folder should be")
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 2, result.output
+    # named before evaluate looks for its inputs (there is no data/processed/ here either)
+    assert result.output.startswith("error: metrics/: cannot create this output folder")
+    assert "Traceback" not in result.output

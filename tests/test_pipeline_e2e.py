@@ -103,3 +103,12 @@ def test_second_repro_is_a_no_op(pipeline_run):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     status = _run([sys.executable, "-m", "dvc", "status"], work, env)
     assert "up to date" in status.lower(), status
+
+
+@pytest.mark.slow
+def test_training_metrics_record_the_thread_count(pipeline_run):
+    # results are bit-identical for one thread count only: each training stage says which it used
+    work, _, _ = pipeline_run
+    threads = load_params(work / "params.yaml").threads
+    for name in ("mirm.json", "sasrec_train.json", "molar_train/summary.json"):
+        assert json.loads((work / "metrics" / name).read_text())["threads"] == threads, name

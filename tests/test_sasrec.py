@@ -171,17 +171,20 @@ def test_sampled_losses_learn_too(tmp_path, loss):
 
 
 def test_stage_is_deterministic_on_the_embedded_default(tmp_path, monkeypatch):
-    """Same seed, CPU: the whole ingest -> split -> train-sasrec path gives identical results."""
+    """Same seed and `threads`, CPU: the whole ingest -> split -> train-sasrec path gives identical
+    results, whatever thread count the process started with (results hold for one count only)."""
     from molar.data.split import load_split
     from molar.evaluate import evaluate_scorer
     from stages import ingest, split, train_sasrec as stage
 
     runs = []
-    for name in ("a", "b"):
+    started_with = torch.get_num_threads()
+    for name, environment_threads in (("a", 1), ("b", 2)):
         work = tmp_path / name
         work.mkdir()
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["sasrec"]["epochs"] = 6  # determinism shows in a few epochs; keep the test quick
+        params["threads"] = 1
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         monkeypatch.chdir(work)
         if name == "a":
@@ -189,7 +192,11 @@ def test_stage_is_deterministic_on_the_embedded_default(tmp_path, monkeypatch):
             split.main(Path("params.yaml"))
         else:  # the same processed data, a fresh state dir
             shutil.copytree(tmp_path / "a" / "data" / "processed", work / "data" / "processed")
-        stage.main(Path("params.yaml"))
+        torch.set_num_threads(environment_threads)  # as OMP_NUM_THREADS or the core count would
+        try:
+            stage.main(Path("params.yaml"))
+        finally:
+            torch.set_num_threads(started_with)
         data = load_split(Path("data/processed"))
         test = evaluate_scorer(
             load_scorer(Path("data/models/sasrec")), data.test.histories, data.test.targets, data.n_items, ks=[10, 20], progress=False
@@ -200,5 +207,6 @@ def test_stage_is_deterministic_on_the_embedded_default(tmp_path, monkeypatch):
         runs.append((test, weights, summary, [row.rsplit(",", 1)[0] for row in curve]))  # minus seconds
     assert runs[0] == runs[1]
     summary = json.loads(runs[0][2])
+    assert summary["threads"] == 1  # the param, not the count the process started with
     assert summary["valid_ndcg@10"] > 0 and 1 <= summary["best_epoch"] <= summary["epochs_run"]
     assert runs[0][3][0] == "epoch,loss,valid_ndcg@10,valid_recall@10,lr"

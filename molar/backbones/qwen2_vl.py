@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from molar.errors import UserError
+
 
 def load_qwen2_vl(
     directory: Path,
@@ -42,7 +44,7 @@ def set_pixel_budget(image_processor, min_pixels: int | None, max_pixels: int | 
     if max_pixels is not None:
         size["longest_edge"] = max_pixels
     if size["shortest_edge"] > size["longest_edge"]:
-        raise ValueError(
+        raise UserError(
             f"mirm.image_min_pixels ({size['shortest_edge']}) is above mirm.image_max_pixels ({size['longest_edge']})"
         )
     image_processor.size = type(image_processor.size)(**size) if not isinstance(image_processor.size, dict) else size

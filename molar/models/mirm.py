@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from molar.backbones import Backbone
 from molar.config import PROMPT_FIELDS
+from molar.errors import UserError
 from molar.sft import IMAGE_MARKER, render_attributes
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, image and padding tokens)
@@ -142,7 +143,7 @@ class PromptEncoder:
         image_root: str | Path = ".",
     ) -> None:
         if "image" in modalities and not backbone.supports_images:
-            raise ValueError(f"mirm.modalities {list(modalities)} asks for images; {backbone.name} is text-only")
+            raise UserError(f"mirm.modalities {list(modalities)} asks for images; {backbone.name} is text-only")
         self.backbone = backbone
         self.tokenizer = backbone.tokenizer
         self.special = backbone.special
@@ -534,7 +535,7 @@ class SftBatches:
         world: int = 1,
     ) -> None:
         if not encoded:
-            raise ValueError("no SFT examples to train on; check sft.mix and sft.samples_per_task")
+            raise UserError("no SFT examples to train on; check sft.mix and sft.samples_per_task")
         self.encoder, self.encoded, self.batch_size = encoder, list(encoded), batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self.global_batches = -(-len(self.encoded) // batch_size)

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from molar import losses
+from molar.errors import MissingInputError, UserError
 from molar.evaluate import frozen_scorer
 from molar.io import atomic_path
 from molar.models.dueg import Dueg
@@ -50,8 +51,11 @@ DECODER_CONFIG_DIR = "decoder"  # the DUEG decoder's transformers config (config
 LIVE_NEGATIVE = 0.01  # a negative is live while its gradient weight (sigmoid / softmax share) is above this
 
 
-class CollapseError(RuntimeError):
-    """User or item embeddings collapsed to (nearly) one direction; training cannot recover."""
+class CollapseError(UserError):
+    """User or item embeddings collapsed to (nearly) one direction; training cannot recover.
+
+    A user error: not a bug but what these params (train.lr, train.similarity, align.alpha) led to;
+    the message says which to change, and the stage prints it without a traceback."""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -262,10 +266,10 @@ class MolarModel(nn.Module):
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         if not config_path.exists() or not weights_path.exists():
-            raise FileNotFoundError(f"{directory}: no Molar checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE}); run `molar train-molar` first")
+            raise MissingInputError(f"{directory}: no Molar checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE}); run `molar train-molar` first")
         meta = json.loads(config_path.read_text())
         if meta.get("model") != "molar":
-            raise ValueError(f"{config_path}: not a Molar checkpoint")
+            raise UserError(f"{config_path}: not a Molar checkpoint")
         config = MolarConfig(**{k: meta[k] for k in MolarConfig.__dataclass_fields__})
         decoder_config = AutoConfig.from_pretrained(directory / DECODER_CONFIG_DIR, local_files_only=True)
         decoder = AutoModel.from_config(decoder_config, attn_implementation="sdpa")
@@ -303,7 +307,7 @@ def align_head_for(hidden_size: int, id_dim: int | None, project: bool) -> nn.Mo
     if id_dim is None or id_dim == hidden_size:
         return nn.Identity()
     if not project:
-        raise ValueError(
+        raise UserError(
             f"DUEG user vectors have {hidden_size} dims, the ID model's have {id_dim}: set align.project: true "
             "to learn a linear projection, or give the ID model the same width"
         )
@@ -453,7 +457,7 @@ class MolarObjective:
         if self.settings.align_positions == "last":
             return hidden[:, -1]  # the last column is always a real item
         if hidden.shape[1] < inputs.shape[1]:
-            raise ValueError(
+            raise UserError(
                 f"align.positions: all needs train.max_length ({inputs.shape[1]}) <= the ID model's max_length "
                 f"({hidden.shape[1]}) so both models see the same prefixes"
             )

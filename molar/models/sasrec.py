@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from molar import losses
+from molar.errors import MissingInputError, UserError
 from molar.evaluate import frozen_scorer
 from molar.io import atomic_path
 from molar.train import (
@@ -104,7 +105,7 @@ class SasrecConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"sasrec.hidden_size ({self.hidden_size}) must be divisible by sasrec.num_heads ({self.num_heads})")
+            raise UserError(f"sasrec.hidden_size ({self.hidden_size}) must be divisible by sasrec.num_heads ({self.num_heads})")
         if self.n_items < 1:
             raise ValueError(f"SASRec needs a catalog of at least one item (n_items={self.n_items})")
 
@@ -194,10 +195,10 @@ class SASRec(SequentialRecommender):
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         if not config_path.exists() or not weights_path.exists():
-            raise FileNotFoundError(f"{directory}: no SASRec checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE}); run `molar train-sasrec` first")
+            raise MissingInputError(f"{directory}: no SASRec checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE}); run `molar train-sasrec` first")
         raw = json.loads(config_path.read_text())
         if raw.pop("model", "sasrec") != "sasrec":
-            raise ValueError(f"{config_path}: not a SASRec checkpoint")
+            raise UserError(f"{config_path}: not a SASRec checkpoint")
         model = cls(SasrecConfig(**raw))
         model.load_state_dict(load_file(str(weights_path), device=str(device)))
         return model.to(device).eval()
@@ -253,7 +254,7 @@ class NextItemBatches:
     ) -> None:
         usable = [list(s)[-(max_length + 1) :] for s in sequences if len(s) >= 2]
         if not usable:
-            raise ValueError("no training sequence has 2 or more items; check the split (split.min_user_length)")
+            raise UserError("no training sequence has 2 or more items; check the split (split.min_user_length)")
         self.padded = left_pad(usable, max_length + 1).numpy()
         self.lengths = np.array([len(s) for s in usable])
         self.batch_size, self.seed = batch_size, seed

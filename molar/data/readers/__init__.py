@@ -9,6 +9,8 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
+from molar.errors import MissingInputError, UserError
+
 # data.source -> module name under molar.data.readers
 READER_MODULES = {
     "synthetic": "synthetic",
@@ -28,8 +30,8 @@ def reader_module(source: str) -> ModuleType:
 
 def resolve_path(source: str, path: str | None) -> Path:
     if not path:
-        raise ValueError(f"data.path: data.source {source!r} reads files; set data.path to the folder that holds them")
+        raise UserError(f"data.path: data.source {source!r} reads files; set data.path to the folder that holds them")
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"data.path: {p} does not exist (data.source {source!r}); point data.path at the raw files")
+        raise MissingInputError(f"data.path: {p} does not exist (data.source {source!r}); point data.path at the raw files")
     return p

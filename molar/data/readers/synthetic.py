@@ -26,6 +26,7 @@ import polars as pl
 from PIL import Image, ImageDraw
 
 from molar.config import DataParams
+from molar.errors import UserError
 from molar.data.schema import IngestReport, attributes_json, make_interactions, make_items
 
 CATEGORIES = ["shirt", "mug", "lamp", "backpack", "sneaker", "notebook"]
@@ -173,7 +174,7 @@ def generate(
     """
     syn = cfg.synthetic
     if syn.min_length > syn.max_length:
-        raise ValueError(f"data.synthetic.min_length ({syn.min_length}) must be <= max_length ({syn.max_length})")
+        raise UserError(f"data.synthetic.min_length ({syn.min_length}) must be <= max_length ({syn.max_length})")
     rng = np.random.default_rng(seed)
     items = _items(rng, syn.n_items)
     histories = _histories(rng, items, syn)
