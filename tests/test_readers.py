@@ -296,7 +296,7 @@ def test_recbole_header_errors(tmp_path):
     with pytest.raises(BadInputError, match=r"x\.inter:1: expected a header of tab-separated name:type"):
         run(recbole, "recbole", tmp_path)
     write(tmp_path / "x.inter", "uid:token\titem_id:token\n7\t1\n")
-    with pytest.raises(BadInputError, match=r"x\.inter:1: .*including user_id, item_id"):
+    with pytest.raises(BadInputError, match=r"x\.inter:1: .*including user_id:token, item_id:token"):
         run(recbole, "recbole", tmp_path)
     (tmp_path / "x.inter").unlink()
     with pytest.raises(BadInputError, match=r"<name>\.inter.*found none"):
