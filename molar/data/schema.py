@@ -178,8 +178,8 @@ def read_lines(
 
     ``encoding`` UTF8_OR_LATIN1 decides per file (``legacy_encoding``); the encoding used is recorded
     in ``report.encodings`` under the file's name. The whole file is decoded at once (fast); only if
-    that fails is it decoded line by line, so an
-    undecodable line is reported with its number (or skipped and counted). Line ends (``\\n``,
+    that fails is it decoded line by line, so an undecodable line is reported with its number (or
+    skipped and counted). Line ends (``\\n``,
     ``\\r\\n``) and a UTF-8 byte-order mark are removed; blank lines are not data and are dropped.
     With ``interaction_rows`` every non-blank line (undecodable ones too) counts in ``report.rows_read``.
     """
@@ -239,7 +239,8 @@ def drop_bad_lines(
     (raising on the first unless data.on_bad_line is skip). ``frame`` needs line_no and line columns.
     ``item_id`` (item files): the id a line describes, read from the raw ``line`` column."""
     frame = frame.with_columns(ok.fill_null(False).alias("_ok"))
-    bad = frame.filter(~pl.col("_ok")).select("line_no", "line", (item_id if item_id is not None else pl.lit(None)).alias("_id"))
+    ids = item_id if item_id is not None else pl.lit(None)
+    bad = frame.filter(~pl.col("_ok")).select("line_no", "line", ids.alias("_id"))
     for line_no, line, bad_id in bad.iter_rows():
         report.bad_line(on_bad_line, path, line_no, expected, line, None if bad_id is None else str(bad_id).strip())
     return frame.filter(pl.col("_ok")).drop("_ok")
@@ -253,14 +254,16 @@ def first_field(sep: str) -> pl.Expr:
 def drop_items_of_skipped_lines(interactions: pl.DataFrame, content: dict, report: IngestReport) -> pl.DataFrame:
     """Drop the interactions of items whose item-file line was skipped (data.on_bad_line: skip), counted
     as ``item_line_skipped``: the item is not unknown, its description was unreadable. An item that
-    another (earlier) line describes stays."""
+    another (earlier) line describes stays. ``order``, when present, stays the position within the user."""
     lost = [item_id for item_id in report.skipped_item_ids if item_id not in content]
-    if not lost:
-        return interactions
     gone = interactions["item_id"].is_in(lost)
-    if gone.any():
-        report.dropped["item_line_skipped"] += int(gone.sum())
-    return interactions.filter(~gone)
+    if not gone.any():
+        return interactions
+    report.dropped["item_line_skipped"] += int(gone.sum())
+    interactions = interactions.filter(~gone)
+    if "order" in interactions.columns:
+        interactions = interactions.with_columns(pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("order"))
+    return interactions
 
 
 def order_interactions(frame: pl.DataFrame) -> pl.DataFrame:

@@ -110,8 +110,11 @@ def _reviews_fast(file: Path) -> pl.DataFrame | None:
         frame = pl.read_ndjson(io.BytesIO(data), schema=REVIEW_FIELDS)
     except pl.exceptions.PolarsError:
         return None
+    # fill_null: a missing id compares as null, which .all() would skip
     complete = frame.select(
-        pl.all_horizontal(pl.col("reviewerID") != "", pl.col("asin") != "", pl.col("unixReviewTime").is_not_null()).all()
+        pl.all_horizontal(pl.col("reviewerID") != "", pl.col("asin") != "", pl.col("unixReviewTime").is_not_null())
+        .fill_null(False)
+        .all()
     ).item()
     return frame if frame.height == n_lines and complete else None
 
