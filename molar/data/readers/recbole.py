@@ -240,7 +240,7 @@ def _rebuild(parts: list[tuple[Path, pl.DataFrame]], cfg: DataParams, report: In
     for user, (train, valid, test) in rows_of.items():
         if len(train) > 1 and len(train[0][2]) > len(train[-1][2]):
             train.reverse()
-        problem = _sequence_problem(user, train, valid, test, parts, longest)
+        sequence, problem = _sequence(user, train, valid, test, parts, longest)
         if problem:
             if cfg.on_bad_line != "skip":
                 raise BadInputError(
@@ -250,8 +250,6 @@ def _rebuild(parts: list[tuple[Path, pl.DataFrame]], cfg: DataParams, report: In
             report.dropped["inconsistent_sequence"] += len(train) + len(valid) + len(test)
             report.first_skip = report.first_skip or problem
             continue
-        rows = train + valid + test
-        sequence = rows[0][2] + [item for *_, item in rows]
         users += [user] * len(sequence)
         items += sequence
     return pl.DataFrame(
@@ -260,22 +258,23 @@ def _rebuild(parts: list[tuple[Path, pl.DataFrame]], cfg: DataParams, report: In
     )
 
 
-def _sequence_problem(user: str, train: list, valid: list, test: list, parts: list, longest: int) -> str | None:
-    """What keeps a user's rows (file, line_no, history, item) from being one sequence, or None."""
+def _sequence(user: str, train: list, valid: list, test: list, parts: list, longest: int) -> tuple[list, str | None]:
+    """A user's sequence from their rows (file, line_no, history, item), oldest first, and what keeps
+    the rows from being one sequence (None: nothing)."""
     for (file, _), rows in zip(parts[1:], (valid, test)):
         if len(rows) != 1:
             where = ", ".join(str(line_no) for _, line_no, _, _ in rows)
-            return f"{file}: user {user!r} has {len(rows)} rows{f' (lines {where})' if rows else ''}; expected one"
+            return [], f"{file}: user {user!r} has {len(rows)} rows{f' (lines {where})' if rows else ''}; expected one"
     rows = train + valid + test
     sequence = rows[0][2] + [item for *_, item in rows]
     for k, (file, line_no, history, item) in enumerate(rows, start=len(rows[0][2])):
         want = sequence[max(0, k - longest) : k]
         if history != want:
-            return (
+            return [], (
                 f"{file}:{line_no}: user {user!r}: item_id_list {' '.join(history)!r} does not continue the sequence "
                 f"of the user's earlier rows (expected {' '.join(want)!r} before item {item!r})"
             )
-    return None
+    return sequence, None
 
 
 def _is_title(name: str) -> bool:
