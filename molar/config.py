@@ -42,7 +42,7 @@ class SyntheticData(Section):
 
 
 class DataParams(Section):
-    source: Literal["synthetic", "movielens", "sasrec-txt", "recbole", "amazon", "pixelrec"] = "synthetic"
+    source: Literal["synthetic", "movielens", "sasrec-txt", "user-seq", "recbole", "amazon", "pixelrec"] = "synthetic"
     path: str = "data/raw"
     on_bad_line: Literal["error", "skip"] = "error"
     synthetic: SyntheticData = SyntheticData()
@@ -64,7 +64,7 @@ class SftParams(Section):
 # ----------------------------------------------------------------------------- mirm
 # Item prompt placeholders (molar/models/mirm.py fills them; [Cur_Item] is always appended last).
 PROMPT_FIELDS = ("title", "description", "attributes", "image")
-PROMPT_SOURCES = ("default", "synthetic", "movielens", "sasrec-txt", "recbole", "amazon", "pixelrec")
+PROMPT_SOURCES = ("default", "synthetic", "movielens", "sasrec-txt", "user-seq", "recbole", "amazon", "pixelrec")
 DEFAULT_PROMPTS = {
     "default": "{image}\nTitle: {title}\nDescription: {description}\nAttributes: {attributes}\n",
     "movielens": "{image}\nMovie: {title}\nAttributes: {attributes}\n",

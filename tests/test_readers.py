@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import time
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from molar.config import DataParams
-from molar.data.readers import amazon, movielens, pixelrec, recbole, sasrec_txt
+from molar.config import DataParams, SplitParams
+from molar.data.readers import amazon, movielens, pixelrec, recbole, sasrec_txt, user_seq
 from molar.data.schema import BadInputError, IngestReport
+from molar.data.split import build_split
 
 ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -106,6 +108,7 @@ def test_movielens_ml1m_tables(tmp_path):
     assert image_names(items) == {"10": "10.jpg", "20": None, "30": None}
     assert report.rows_read == 6 and report.dropped == {"bad_line": 1}
     assert (report.items_with_image, report.items_without_image, report.bad_images) == (1, 2, 1)
+    assert report.encodings == {"ratings.dat": "latin-1", "movies.dat": "latin-1"}
 
 
 def test_movielens_bad_line_names_file_and_line(tmp_path):
@@ -160,6 +163,8 @@ def test_movielens_real_ml100k():
     items, interactions, report = run(movielens, "movielens", ML100K, on_bad_line="error")
     assert (interactions.height, interactions["user_id"].n_unique(), items.height) == (100_000, 943, 1682)
     assert report.rows_read == 100_000 and not report.dropped
+    assert report.encodings["u.item"] == "latin-1"  # the GroupLens original: ISO-8859-1, not valid UTF-8
+    assert items.filter(pl.col("title").str.contains("Ã")).height == 0
 
 
 # ------------------------------------------------------------------------------------ sasrec-txt
@@ -212,6 +217,14 @@ def test_sasrec_txt_without_content_and_empty(tmp_path):
     write(tmp_path / "b" / "data.txt", "\n")
     with pytest.raises(BadInputError, match="no interactions were read"):
         run(sasrec_txt, "sasrec-txt", tmp_path / "b")
+    # every line skipped: the error says so and shows the first skipped line
+    write(tmp_path / "c" / "data.txt", "a b\nc d\n")
+    with pytest.raises(
+        BadInputError,
+        match=r"no interactions were read: data\.on_bad_line: skip dropped them all \(2 bad_line\); "
+        r"the first skipped line: .*data\.txt:1: expected two whitespace-separated integer ids",
+    ):
+        run(sasrec_txt, "sasrec-txt", tmp_path / "c")
 
 
 def test_sasrec_txt_undecodable_line(tmp_path):
@@ -231,6 +244,7 @@ def test_sasrec_txt_real_ml1m():
     # counts from ../shared/data/ml-1m/SOURCE.md
     assert (interactions.height, interactions["user_id"].n_unique(), items.height) == (988_555, 6040, 3416)
     assert report.rows_read == 988_555 and not report.dropped
+    assert report.encodings == {"ml-1m.txt": "utf-8", "movies.dat": "latin-1"}
     assert rows(interactions.head(2)) == [("1", "3186", None, 0), ("1", "1270", None, 1)]  # first lines of ml-1m.txt
     assert items.filter(pl.col("title").str.starts_with("item ")).height == 0  # all 3,416 are in movies.dat
     # some of the 11 poster-less movies occur; no poster is undecodable (3575.jpg is PNG data)
@@ -296,7 +310,7 @@ def test_recbole_header_errors(tmp_path):
     with pytest.raises(BadInputError, match=r"x\.inter:1: expected a header of tab-separated name:type"):
         run(recbole, "recbole", tmp_path)
     write(tmp_path / "x.inter", "uid:token\titem_id:token\n7\t1\n")
-    with pytest.raises(BadInputError, match=r"x\.inter:1: .*including user_id, item_id"):
+    with pytest.raises(BadInputError, match=r"x\.inter:1: .*including user_id:token, item_id:token"):
         run(recbole, "recbole", tmp_path)
     (tmp_path / "x.inter").unlink()
     with pytest.raises(BadInputError, match=r"<name>\.inter.*found none"):
@@ -465,3 +479,239 @@ def test_pixelrec_column_order_and_errors(tmp_path):
     (tmp_path / "a" / "information" / "Pixel200K.csv").unlink()
     with pytest.raises(BadInputError, match=r"item-information CSV .*found none"):
         run(pixelrec, "pixelrec", tmp_path / "a")
+
+
+# ---------------------------------------------------------------- movielens: encodings, skipped item lines
+def test_movielens_utf8_copies_are_read_as_utf8(tmp_path):
+    ml1m_fixture(tmp_path)
+    (tmp_path / "movies.dat").write_bytes((tmp_path / "movies.dat").read_bytes().decode("latin-1").encode("utf-8"))
+    items, _, report = run(movielens, "movielens", tmp_path)
+    assert items["title"].to_list() == ["Toy Story", "Café Society", "Heat"]  # not "CafÃ© Society"
+    assert report.encodings == {"ratings.dat": "latin-1", "movies.dat": "utf-8"}
+
+
+def ml100k_fixture(root: Path, u_item_encoding: str = "latin-1") -> Path:
+    write(root / "u.data", "7\t1\t3\t881250949\n7\t2\t5\t881250900\n8\t2\t4\t881250901\n9\t3\t1\t891717742\n")
+    write(root / "u.genre", "".join(f"{g}|{i}\n" for i, g in enumerate(ML100K_GENRES)))
+    write(
+        root / "u.item",
+        u_item_line(1, "Toy Story (1995)", "01-Jan-1995", ["Animation"])
+        + u_item_line(2, "Café Society (1996)", "", ["Drama"])
+        + u_item_line(3, "Heat (1995)", "", ["Action"]),
+        u_item_encoding,
+    )
+    return root
+
+
+def test_movielens_ml100k_utf8_u_item(tmp_path):
+    items, _, report = run(movielens, "movielens", ml100k_fixture(tmp_path, "utf-8"), on_bad_line="error")
+    assert items["title"].to_list() == ["Toy Story", "Café Society", "Heat"]
+    assert report.encodings == {"u.data": "latin-1", "u.genre": "latin-1", "u.item": "utf-8"}
+    items, _, report = run(movielens, "movielens", ml100k_fixture(tmp_path / "l1"), on_bad_line="error")
+    assert items["title"][1] == "Café Society" and report.encodings["u.item"] == "latin-1"
+
+
+def test_movielens_skipped_item_line_drops_its_ratings_as_such(tmp_path):
+    ml100k_fixture(tmp_path)
+    u_item = (tmp_path / "u.item").read_bytes().decode("latin-1").splitlines(keepends=True)
+    u_item[1] = "2|Café Society (1996)|broken\n"  # too few fields: movie 2's line is skipped
+    write(tmp_path / "u.item", "".join(u_item), "latin-1")
+    items, interactions, report = run(movielens, "movielens", tmp_path)
+    assert items["item_id"].to_list() == ["1", "3"]
+    assert rows(interactions) == [("7", "1", 881250949, 0), ("9", "3", 891717742, 0)]
+    # movie 2's two ratings: dropped because its line was skipped, not as unknown items
+    assert report.dropped == {"bad_line": 1, "item_line_skipped": 2}
+    with pytest.raises(BadInputError, match=r"u\.item:2: expected 24 \|-separated fields"):
+        run(movielens, "movielens", tmp_path, on_bad_line="error")
+
+
+def test_movies_dat_skipped_line_drops_ratings_not_placeholders(tmp_path):
+    sasrec_fixture(tmp_path)
+    write(tmp_path / "movies.dat", "3::Heat (1995)\n5::Casino (1995)::Drama\n5::Casino again::Drama\n")
+    items, interactions, report = run(sasrec_txt, "sasrec-txt", tmp_path)
+    # 3's line lacks genres: its two interactions go; the repeated 5 keeps its first line
+    assert items["item_id"].to_list() == ["5", "7", "8"] and items["title"][0] == "Casino"
+    assert rows(interactions) == [("1", "5", None, 0), ("1", "7", None, 1), ("2", "8", None, 0)]
+    assert report.dropped == {"bad_line": 4, "item_line_skipped": 2}
+
+
+# -------------------------------------------------------------------------------------- user-seq
+def test_user_seq_tables(tmp_path):
+    write(tmp_path / "Beauty.txt", "1 5 3 7\nu2 x9 x3\nlonely\n1 8\n")  # line 3: no items; line 4: user 1 again
+    write(tmp_path / "movies.dat", "3::Heat (1995)::Action\n")
+    items, interactions, report = run(user_seq, "user-seq", tmp_path)
+    assert rows(interactions) == [
+        ("1", "5", None, 0),
+        ("1", "3", None, 1),
+        ("1", "7", None, 2),
+        ("u2", "x9", None, 0),
+        ("u2", "x3", None, 1),
+    ]
+    assert items.select("item_id", "title").rows() == [
+        ("3", "Heat"), ("5", "item 5"), ("7", "item 7"), ("x9", "item x9"), ("x3", "item x3"),
+    ]  # fmt: skip
+    assert report.rows_read == 4 and report.dropped == {"bad_line": 2}
+    with pytest.raises(BadInputError, match=r"Beauty\.txt:3: expected a user id followed by that user's item ids"):
+        run(user_seq, "user-seq", tmp_path, on_bad_line="error")
+    write(tmp_path / "Beauty.txt", "1 5 3 7\nu2 x9 x3\n")
+    _, interactions, report = run(user_seq, "user-seq", tmp_path / "Beauty.txt", on_bad_line="error")
+    assert interactions.height == 5 and not report.dropped
+
+
+def test_sasrec_txt_points_one_line_per_user_files_to_user_seq(tmp_path):
+    write(tmp_path / "Beauty.txt", "1 5 3 7\n2 3 9\n3 4\n")
+    for on_bad_line in ("error", "skip"):  # skipping would drop nearly everything: stop either way
+        with pytest.raises(
+            BadInputError,
+            match=r"Beauty\.txt: 2 of 3 lines have more than two fields \(line 1: '1 5 3 7'\); this looks like the "
+            r"one-line-per-user format 'user item item \.\.\.': set data\.source: user-seq",
+        ):
+            run(sasrec_txt, "sasrec-txt", tmp_path, on_bad_line=on_bad_line)
+    # a stray long line in a pair file is a bad line whose advice names the other format too
+    write(tmp_path / "Beauty.txt", "1 5\n1 3 9\n2 4\n")
+    with pytest.raises(BadInputError, match=r"Beauty\.txt:2: expected two .*is read by data\.source: user-seq"):
+        run(sasrec_txt, "sasrec-txt", tmp_path, on_bad_line="error")
+
+
+# -------------------------------------------------------------------------- recbole pre-split files
+SPLIT_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+SEQUENCES = {"0": ["1", "2", "3", "4", "5", "6", "7"], "1": ["7", "8", "9", "7"], "2": ["2", "3", "4"]}
+
+
+def unisrec_files(folder: Path, sequences: dict[str, list[str]], longest: int = 3) -> Path:
+    """The three files as UniSRec's convert_to_atomic_files writes them: leave-one-out, train rows newest
+    first, every history cut to its last ``longest`` items."""
+    train = valid = test = SPLIT_HEADER
+    for user, s in sequences.items():
+        for k in range(len(s) - 3, 0, -1):
+            train += f"{user}\t{' '.join(s[:k][-longest:])}\t{s[k]}\n"
+        valid += f"{user}\t{' '.join(s[:-2][-longest:])}\t{s[-2]}\n"
+        test += f"{user}\t{' '.join(s[:-1][-longest:])}\t{s[-1]}\n"
+    for split, text in (("train", train), ("valid", valid), ("test", test)):
+        write(folder / f"{folder.name}.{split}.inter", text)
+    return folder
+
+
+def sequences_of(interactions: pl.DataFrame) -> dict[str, list[str]]:
+    return dict(interactions.group_by("user_id", maintain_order=True).agg("item_id").rows())
+
+
+def test_recbole_pre_split_sequences_are_rebuilt(tmp_path):
+    folder = unisrec_files(tmp_path / "Scientific", SEQUENCES)
+    assert (folder / "Scientific.train.inter").read_text().splitlines()[1:4] == ["0\t2 3 4\t5", "0\t1 2 3\t4", "0\t1 2\t3"]
+    write(folder / "Scientific.text", "item_id:token\ttext:token_seq\nB7\tMicroscope Lab Zeiss\nB2\tBeaker set\n")
+    write(folder / "Scientific.item2index", "B7\t7\nB2\t2\n")
+    items, interactions, report = run(recbole, "recbole", folder, on_bad_line="error")
+    assert sequences_of(interactions) == SEQUENCES
+    assert rows(interactions)[:2] == [("0", "1", None, 0), ("0", "2", None, 1)]
+    assert items.select("item_id", "title", "description", "attributes").rows() == [
+        ("7", "Microscope Lab Zeiss", "", "{}"),
+        ("2", "Beaker set", "", "{}"),
+    ]
+    assert report.rows_read == 4 + 1 + 0 + 3 * 2 and not report.dropped  # train rows + valid + test rows
+    # the split stage's leave-one-out gives back the files' own valid and test rows
+    all_items = pl.DataFrame({"item_id": [str(i) for i in range(1, 10)]}).with_columns(
+        title=pl.col("item_id"), description=pl.lit(""), attributes=pl.lit("{}"), image_path=pl.lit(None, pl.String)
+    )
+    tables, _ = build_split(all_items, interactions, SplitParams())
+    item_of = dict(tables["items"].select("item_idx", "item_id").iter_rows())
+    for split in ("valid", "test"):
+        ours = [(item_of[t], [item_of[i] for i in h][-3:]) for h, t in tables[split].select("history", "target").iter_rows()]
+        lines = (folder / f"Scientific.{split}.inter").read_text().splitlines()[1:]
+        assert ours == [(line.split("\t")[2], line.split("\t")[1].split()) for line in lines]
+
+
+def test_recbole_pre_split_inconsistent_files(tmp_path):
+    folder = unisrec_files(tmp_path / "Sci", SEQUENCES)
+    test_file = folder / "Sci.test.inter"
+    # user 1's test history no longer extends its valid row (7 8 -> 9)
+    write(test_file, test_file.read_text().replace("1\t7 8 9\t7", "1\t7 8 8\t7"))
+    with pytest.raises(
+        BadInputError,
+        match=r"Sci\.test\.inter:3: user '1': item_id_list '7 8 8' does not continue the sequence of the user's "
+        r"earlier rows \(expected '7 8 9' before item '7'\); the train, valid and test files must be one "
+        r"leave-one-out split .* data\.on_bad_line: skip",
+    ):
+        run(recbole, "recbole", folder, on_bad_line="error")
+    _, interactions, report = run(recbole, "recbole", folder)
+    assert sequences_of(interactions) == {"0": SEQUENCES["0"], "2": SEQUENCES["2"]}
+    assert report.dropped == {"inconsistent_sequence": 3}  # user 1's train, valid and test rows
+    # a user without a test row
+    write(test_file, SPLIT_HEADER + "0\t4 5 6\t7\n")
+    with pytest.raises(BadInputError, match=r"Sci\.test\.inter: user '1' has 0 rows; expected one"):
+        run(recbole, "recbole", folder, on_bad_line="error")
+
+
+def test_recbole_pre_split_needs_all_three_files(tmp_path):
+    folder = unisrec_files(tmp_path / "Sci", SEQUENCES)
+    (folder / "Sci.valid.inter").unlink()
+    (folder / "Sci.test.inter").unlink()
+    with pytest.raises(
+        BadInputError, match=r"Sci\.train\.inter found, but not Sci\.valid\.inter, Sci\.test\.inter: .*add the missing files"
+    ):
+        run(recbole, "recbole", folder)
+
+
+def test_recbole_plain_reader_never_misreads_sequences(tmp_path):
+    write(tmp_path / "x.inter", SPLIT_HEADER + "0\t1 2\t3\n")
+    with pytest.raises(
+        BadInputError,
+        match=r"x\.inter:1: column 'item_id_list:token_seq' holds item histories: this is one of RecBole's pre-split "
+        r"benchmark files .* name the files <name>\.train\.inter, <name>\.valid\.inter and <name>\.test\.inter",
+    ):
+        run(recbole, "recbole", tmp_path)
+    write(tmp_path / "x.inter", "user_id:token\titem_id:token_seq\n0\t1 2\n")
+    with pytest.raises(
+        BadInputError,
+        match=r"x\.inter:1: column 'item_id:token_seq' cannot be read: this reader needs item_id:token there, and a "
+        r"token_seq column holds a list of values per line; fix the header to declare item_id:token",
+    ):
+        run(recbole, "recbole", tmp_path)
+
+
+def test_recbole_skipped_item_line(tmp_path):
+    folder = recbole_fixture(tmp_path)
+    item_file = folder / "shop.item"
+    write(item_file, item_file.read_text().replace("c\tGreen Shirt\t\tClothing\tSoft cotton.", "c\tGreen Shirt\tcheap\tClothing\t"))
+    items, interactions, report = run(recbole, "recbole", folder)
+    assert items["item_id"].to_list() == ["a", "b"] and ("u2", "c", 150, 0) not in rows(interactions)
+    assert report.dropped == {"bad_line": 2, "item_line_skipped": 1}
+
+
+# ------------------------------------------------------------------------ amazon, pixelrec: named fields, skipped items
+@pytest.mark.parametrize(
+    "review, problem",
+    [
+        ({"reviewerID": "A9", "asin": "B001"}, "unixReviewTime is missing"),
+        ({"reviewerID": "A9", "asin": "B001", "unixReviewTime": "01 2, 2015"}, 'unixReviewTime is "01 2, 2015", not an integer'),
+        ({"asin": "B001", "unixReviewTime": 5}, "reviewerID is missing"),
+        ({"reviewerID": "", "asin": "B001", "unixReviewTime": 5}, 'reviewerID is "", not a non-empty string'),
+        ('{"reviewerID": "A2", "asin": "B00', "not valid JSON"),
+        ("[1, 2]", "a JSON list, not an object"),
+    ],
+)  # fmt: skip
+def test_amazon_bad_review_names_the_field(tmp_path, review, problem):
+    amazon_fixture(tmp_path)
+    write_json_lines(tmp_path / "Video_Games_5.json.gz", [REVIEWS[0], review])
+    with pytest.raises(BadInputError, match=r"Video_Games_5\.json\.gz:2: expected a JSON object .*: " + re.escape(problem)):
+        run(amazon, "amazon", tmp_path, on_bad_line="error")
+
+
+def test_amazon_skipped_metadata_line(tmp_path):
+    amazon_fixture(tmp_path)
+    meta = [m for m in META if not isinstance(m, str)]
+    meta[2] = '{"title": "Tetris", "asin": "B003", "price": '  # cut off: B003's only record
+    write_json_lines(tmp_path / "meta_Video_Games.json.gz", meta)
+    items, interactions, report = run(amazon, "amazon", tmp_path)
+    assert items["item_id"].to_list() == ["B002", "B001"]
+    assert ("A2", "B003", 1420070400, 0) not in rows(interactions)
+    assert report.dropped == {"bad_line": 2, "item_line_skipped": 1}  # the cut-off review and B003's record
+
+
+def test_pixelrec_skipped_item_record(tmp_path):
+    pixelrec_fixture(tmp_path)
+    info = tmp_path / "information" / "Pixel200K.csv"
+    write(info, info.read_text().replace("i3,7,0,0,0,0,0,0,,舞蹈,,dance", "i3,7,0,舞蹈"))
+    items, interactions, report = run(pixelrec, "pixelrec", tmp_path)
+    assert items["item_id"].to_list() == ["i1", "i2"] and len(rows(interactions)) == 3
+    assert report.dropped == {"bad_line": 3, "item_line_skipped": 1}

@@ -46,11 +46,24 @@ class IngestReport:
     items_with_image: int = 0
     items_without_image: int = 0
     bad_images: int = 0
+    encodings: dict[str, str] = field(default_factory=dict)  # file name -> the encoding it was decoded with
+    # not written out: ids of items whose item-file line was skipped, and where the first skip was
+    skipped_item_ids: set[str] = field(default_factory=set)
+    first_skip: str = ""
 
-    def bad_line(self, on_bad_line: str, file: Path | str, line_no: int, expected: str, line: str = "") -> None:
-        """Raise a clear error, or (on_bad_line: skip) count the line as dropped."""
+    def bad_line(
+        self, on_bad_line: str, file: Path | str, line_no: int, expected: str, line: str = "", item_id: str | None = None
+    ) -> None:
+        """Raise a clear error, or (on_bad_line: skip) count the line as dropped.
+
+        ``item_id``: the item an item-file line describes, when it can be told; its interactions are
+        then dropped as ``item_line_skipped`` (``drop_items_of_skipped_lines``), not as unknown items.
+        """
         if on_bad_line == "skip":
             self.dropped["bad_line"] += 1
+            self.first_skip = self.first_skip or f"{file}:{line_no}: expected {expected}"
+            if item_id:
+                self.skipped_item_ids.add(item_id)
             return
         shown = line.strip()[:120]
         raise BadInputError(
@@ -68,6 +81,7 @@ class IngestReport:
             "items_with_image": self.items_with_image,
             "items_without_image": self.items_without_image,
             "bad_images": self.bad_images,
+            "encodings": dict(sorted(self.encodings.items())),
         }
 
 
@@ -103,10 +117,21 @@ def make_interactions(rows: list[tuple]) -> pl.DataFrame:
     return df.with_columns(pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("order"))
 
 
-def validate(items: pl.DataFrame, interactions: pl.DataFrame, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Cast to the interim schema and check the invariants later stages rely on."""
+def validate(
+    items: pl.DataFrame, interactions: pl.DataFrame, source: str, report: IngestReport | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cast to the interim schema and check the invariants later stages rely on.
+
+    With ``report``, "no interactions" says why when lines were skipped (data.on_bad_line: skip)."""
     items = items.select([pl.col(c).cast(t) for c, t in ITEMS_SCHEMA.items()])
     interactions = interactions.select([pl.col(c).cast(t) for c, t in INTERACTIONS_SCHEMA.items()])
+    if interactions.height == 0 and report is not None and report.first_skip:
+        dropped = ", ".join(f"{n:,} {why}" for why, n in sorted(report.dropped.items()))
+        raise BadInputError(
+            f"{source}: no interactions were read: data.on_bad_line: skip dropped them all ({dropped}); "
+            f"the first skipped line: {report.first_skip}. Fix the file, or check that data.source names its format "
+            "(the Data sources table in README.md lists each format)"
+        )
     if interactions.height == 0:
         raise BadInputError(f"{source}: no interactions were read; check data.path and the file format")
     if items.height == 0:
@@ -121,6 +146,22 @@ def validate(items: pl.DataFrame, interactions: pl.DataFrame, source: str) -> tu
 from collections.abc import Callable  # noqa: E402  (kept beside the helpers that use it)
 
 INT_PATTERN = r"^[+-]?\d+$"
+# read_lines' encoding for files published in either encoding (GroupLens' Latin-1 and UTF-8 copies)
+UTF8_OR_LATIN1 = "utf-8 or latin-1"
+
+
+def legacy_encoding(data: bytes) -> str:
+    """UTF-8 for valid UTF-8 text with non-ASCII characters, else Latin-1 (which decodes any bytes).
+
+    Latin-1 text with accents is almost never valid UTF-8, and UTF-8 read as Latin-1 gives mojibake
+    ("CafÃ©"), so valid UTF-8 wins; ASCII reads the same either way."""
+    if data.isascii():
+        return "latin-1"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "latin-1"
+    return "utf-8"
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -135,8 +176,10 @@ def read_lines(
 ) -> pl.DataFrame:
     """The non-blank lines of a text file (``.gz`` read transparently) as (line_no: 1-based, line).
 
-    The whole file is decoded at once (fast); only if that fails is it decoded line by line, so an
-    undecodable line is reported with its number (or skipped and counted). Line ends (``\\n``,
+    ``encoding`` UTF8_OR_LATIN1 decides per file (``legacy_encoding``); the encoding used is recorded
+    in ``report.encodings`` under the file's name. The whole file is decoded at once (fast); only if
+    that fails is it decoded line by line, so an undecodable line is reported with its number (or
+    skipped and counted). Line ends (``\\n``,
     ``\\r\\n``) and a UTF-8 byte-order mark are removed; blank lines are not data and are dropped.
     With ``interaction_rows`` every non-blank line (undecodable ones too) counts in ``report.rows_read``.
     """
@@ -145,6 +188,9 @@ def read_lines(
     data = path.read_bytes()
     if path.suffix == ".gz":
         data = gzip.decompress(data)
+    if encoding == UTF8_OR_LATIN1:
+        encoding = legacy_encoding(data)
+    report.encodings[path.name] = encoding
     try:
         lines = data.decode(encoding).split("\n")
     except UnicodeDecodeError:
@@ -181,14 +227,43 @@ def split_fields(lines: pl.DataFrame, sep: str | None, n_fields: int) -> pl.Data
 
 
 def drop_bad_lines(
-    frame: pl.DataFrame, ok: pl.Expr, path: Path, expected: str, report: IngestReport, on_bad_line: str
+    frame: pl.DataFrame,
+    ok: pl.Expr,
+    path: Path,
+    expected: str,
+    report: IngestReport,
+    on_bad_line: str,
+    item_id: pl.Expr | None = None,
 ) -> pl.DataFrame:
     """Keep the rows where ``ok`` holds; every other row goes through ``report.bad_line`` in line order
-    (raising on the first unless data.on_bad_line is skip). ``frame`` needs line_no and line columns."""
+    (raising on the first unless data.on_bad_line is skip). ``frame`` needs line_no and line columns.
+    ``item_id`` (item files): the id a line describes, read from the raw ``line`` column."""
     frame = frame.with_columns(ok.fill_null(False).alias("_ok"))
-    for line_no, line in frame.filter(~pl.col("_ok")).select("line_no", "line").iter_rows():
-        report.bad_line(on_bad_line, path, line_no, expected, line)
+    ids = item_id if item_id is not None else pl.lit(None)
+    bad = frame.filter(~pl.col("_ok")).select("line_no", "line", ids.alias("_id"))
+    for line_no, line, bad_id in bad.iter_rows():
+        report.bad_line(on_bad_line, path, line_no, expected, line, None if bad_id is None else str(bad_id).strip())
     return frame.filter(pl.col("_ok")).drop("_ok")
+
+
+def first_field(sep: str) -> pl.Expr:
+    """The first ``sep``-separated field of the raw line: the item id of a malformed item-file line."""
+    return pl.col("line").str.split(sep).list.first()
+
+
+def drop_items_of_skipped_lines(interactions: pl.DataFrame, content: dict, report: IngestReport) -> pl.DataFrame:
+    """Drop the interactions of items whose item-file line was skipped (data.on_bad_line: skip), counted
+    as ``item_line_skipped``: the item is not unknown, its description was unreadable. An item that
+    another (earlier) line describes stays. ``order``, when present, stays the position within the user."""
+    lost = [item_id for item_id in report.skipped_item_ids if item_id not in content]
+    gone = interactions["item_id"].is_in(lost)
+    if not gone.any():
+        return interactions
+    report.dropped["item_line_skipped"] += int(gone.sum())
+    interactions = interactions.filter(~gone)
+    if "order" in interactions.columns:
+        interactions = interactions.with_columns(pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("order"))
+    return interactions
 
 
 def order_interactions(frame: pl.DataFrame) -> pl.DataFrame:

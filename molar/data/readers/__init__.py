@@ -16,6 +16,7 @@ READER_MODULES = {
     "synthetic": "synthetic",
     "movielens": "movielens",
     "sasrec-txt": "sasrec_txt",
+    "user-seq": "user_seq",
     "recbole": "recbole",
     "amazon": "amazon",
     "pixelrec": "pixelrec",

@@ -15,7 +15,8 @@ Items: title, description (paragraphs joined), attributes {brand, price, categor
 main_cat, features ("x; y")}. HTML tags and entities, common in these fields, are removed. Products
 are listed in metadata order, only those that were reviewed; a product repeated in the metadata
 keeps its first record; reviews of products without metadata are dropped by ingest
-(``unknown_item``). Images are never downloaded: an item's image is ``images/<asin>.jpg`` in
+(``unknown_item``), those of a product whose metadata line was skipped (data.on_bad_line: skip) as
+``item_line_skipped``. A bad review line is reported with the field that is missing or mistyped. Images are never downloaded: an item's image is ``images/<asin>.jpg`` in
 data.path, else the file in ``images/`` named like the last part of one of its image URLs
 (high-resolution first), when present.
 
@@ -43,7 +44,7 @@ from molar.data.schema import (
     BadInputError,
     IngestReport,
     catalog_items,
-    drop_bad_lines,
+    drop_items_of_skipped_lines,
     order_interactions,
     read_lines,
     validate,
@@ -68,9 +69,10 @@ def read(path: Path, cfg: DataParams, report: IngestReport) -> tuple[pl.DataFram
     interactions = order_interactions(_read_reviews(review_file, cfg, report))
     used = set(interactions["item_id"].unique().to_list())
     content, image_urls = _read_meta(meta_file, used, cfg, report)
+    interactions = drop_items_of_skipped_lines(interactions, content, report)
     images = path / "images"
     items = catalog_items(interactions, content, lambda asin: _image_of(images, asin, image_urls.get(asin, [])), report)
-    return validate(items, interactions, "amazon")
+    return validate(items, interactions, "amazon", report)
 
 
 def _one(path: Path, files: list[Path], what: str) -> Path:
@@ -108,10 +110,31 @@ def _reviews_fast(file: Path) -> pl.DataFrame | None:
         frame = pl.read_ndjson(io.BytesIO(data), schema=REVIEW_FIELDS)
     except pl.exceptions.PolarsError:
         return None
+    # fill_null: a missing id compares as null, which .all() would skip
     complete = frame.select(
-        pl.all_horizontal(pl.col("reviewerID") != "", pl.col("asin") != "", pl.col("unixReviewTime").is_not_null()).all()
+        pl.all_horizontal(pl.col("reviewerID") != "", pl.col("asin") != "", pl.col("unixReviewTime").is_not_null())
+        .fill_null(False)
+        .all()
     ).item()
     return frame if frame.height == n_lines and complete else None
+
+
+def _review_problem(line: str) -> tuple[tuple, str | None]:
+    """(reviewerID, asin, unixReviewTime) of a review line, and what is wrong with it (None: nothing)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as error:
+        return (None, None, None), f"not valid JSON ({error.msg} at column {error.colno})"
+    if not isinstance(obj, dict):
+        return (None, None, None), f"a JSON {type(obj).__name__}, not an object"
+    values = (_id(obj.get("reviewerID")), _id(obj.get("asin")), _seconds(obj.get("unixReviewTime")))
+    for name, value in zip(REVIEW_FIELDS, values):
+        if name not in obj:
+            return values, f"{name} is missing"
+        if value is None or value == "":
+            wanted = "an integer" if name == "unixReviewTime" else "a non-empty string"
+            return values, f"{name} is {json.dumps(obj[name], ensure_ascii=False)[:40]}, not {wanted}"
+    return values, None
 
 
 def _read_reviews(file: Path, cfg: DataParams, report: IngestReport) -> pl.DataFrame:
@@ -121,16 +144,13 @@ def _read_reviews(file: Path, cfg: DataParams, report: IngestReport) -> pl.DataF
     else:
         lines = read_lines(file, report, cfg.on_bad_line, interaction_rows=True)
         rows = []
-        for line in lines["line"]:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                obj = None
-            obj = obj if isinstance(obj, dict) else {}
-            rows.append((_id(obj.get("reviewerID")), _id(obj.get("asin")), _seconds(obj.get("unixReviewTime"))))
-        decoded = pl.concat([lines, pl.DataFrame(rows, schema=REVIEW_FIELDS, orient="row")], how="horizontal")
-        ok = (pl.col("reviewerID") != "") & (pl.col("asin") != "") & pl.col("unixReviewTime").is_not_null()
-        decoded = drop_bad_lines(decoded, ok, file, EXPECTED_REVIEW, report, cfg.on_bad_line)
+        for line_no, line in lines.iter_rows():
+            values, problem = _review_problem(line)
+            if problem:
+                report.bad_line(cfg.on_bad_line, file, line_no, f"{EXPECTED_REVIEW}: {problem}", line)
+            else:
+                rows.append(values)
+        decoded = pl.DataFrame(rows, schema=REVIEW_FIELDS, orient="row")
     return decoded.select(
         pl.col("reviewerID").alias("user_id"), pl.col("asin").alias("item_id"), pl.col("unixReviewTime").alias("timestamp")
     )
@@ -176,7 +196,8 @@ def _read_meta(
         obj = _parse_meta(line)
         item_id = _id(obj.get("asin")) if isinstance(obj, dict) else None
         if not item_id:
-            report.bad_line(cfg.on_bad_line, file, line_no, EXPECTED_META, line)
+            seen_asin = re.search(ASIN_IN_LINE, line)
+            report.bad_line(cfg.on_bad_line, file, line_no, EXPECTED_META, line, seen_asin and seen_asin[1])
             continue
         if item_id in content or item_id not in used:
             continue  # repeated product (first record wins) or nobody reviewed it

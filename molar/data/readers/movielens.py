@@ -2,18 +2,23 @@
 
 The release is told apart by the files in data.path:
 - ml-1m: ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``) and ``movies.dat``
-  (``MovieID::Title::Genres``, genres ``|``-separated); ``::``-separated, ISO-8859-1.
+  (``MovieID::Title::Genres``, genres ``|``-separated); ``::``-separated.
   ``users.dat`` is not read: the interim tables carry no user features.
-- ml-100k: ``u.data`` (``user item rating timestamp``, tab-separated), ``u.item`` (``|``-separated,
-  ISO-8859-1: movie id | title | release date | video release date | IMDb URL | one 0/1 flag per
+- ml-100k: ``u.data`` (``user item rating timestamp``, tab-separated), ``u.item`` (``|``-separated:
+  movie id | title | release date | video release date | IMDb URL | one 0/1 flag per
   genre) and ``u.genre`` (``name|index``: the order of those flags).
+
+GroupLens publishes ISO-8859-1, but copies re-saved as UTF-8 are common: each file is decoded as
+UTF-8 when it is valid UTF-8 with non-ASCII characters, else as Latin-1 (``schema.legacy_encoding``);
+metrics/ingest.json lists the encoding used per file.
 
 Every rating is an interaction (implicit feedback), whatever its value; a user's ratings are ordered
 by timestamp, ties in file order. A title's trailing "(1995)" becomes the attribute ``year``;
 attributes are {"genres": "Animation, Children's, Comedy", "year": 1995} (ml-100k adds
 ``release_date``); the description is one sentence built from title, year and genres. Item images:
 ``posters/<MovieID>.jpg`` inside data.path, when present. Only movies that someone rated are listed;
-a rating of a movie missing from the movie file is dropped by ingest (``unknown_item``).
+a rating of a movie missing from the movie file is dropped by ingest (``unknown_item``), one whose
+movie line was skipped (data.on_bad_line: skip) as ``item_line_skipped``.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ import polars as pl
 from molar.config import DataParams
 from molar.data.schema import (
     INT_PATTERN,
+    UTF8_OR_LATIN1,
     BadInputError,
     IngestReport,
     catalog_items,
     drop_bad_lines,
+    drop_items_of_skipped_lines,
+    first_field,
     order_interactions,
     read_lines,
     require_file,
@@ -37,7 +45,7 @@ from molar.data.schema import (
     validate,
 )
 
-ENCODING = "latin-1"  # GroupLens files are ISO-8859-1
+ENCODING = UTF8_OR_LATIN1  # GroupLens files are ISO-8859-1, copies often UTF-8
 YEAR_SUFFIX = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
 ML1M_RATING = "UserID::MovieID::Rating::Timestamp (integer ids and time, numeric rating)"
 ML100K_RATING = "4 tab-separated fields: user item rating timestamp (integer ids and time)"
@@ -59,9 +67,9 @@ def read(path: Path, cfg: DataParams, report: IngestReport) -> tuple[pl.DataFram
             f"{path}: no MovieLens ratings found; expected ratings.dat and movies.dat (ml-1m) "
             "or u.data, u.item and u.genre (ml-100k) in data.path"
         )
-    interactions = order_interactions(ratings)
+    interactions = drop_items_of_skipped_lines(order_interactions(ratings), content, report)
     items = catalog_items(interactions, content, lambda item_id: path / "posters" / f"{item_id}.jpg", report)
-    return validate(items, interactions, "movielens")
+    return validate(items, interactions, "movielens", report)
 
 
 def movie_content(raw_title: str, genres: list[str], extra: dict | None = None) -> dict:
@@ -82,7 +90,7 @@ def read_movies_dat(file: Path, cfg: DataParams, report: IngestReport) -> dict[s
     expected = "MovieID::Title::Genres with an integer MovieID not seen before"
     frame = split_fields(read_lines(file, report, cfg.on_bad_line, ENCODING), "::", 3)
     ok = pl.col("fields_ok") & pl.col("f0").str.contains(INT_PATTERN) & pl.col("f0").is_first_distinct()
-    frame = drop_bad_lines(frame, ok, file, expected, report, cfg.on_bad_line)
+    frame = drop_bad_lines(frame, ok, file, expected, report, cfg.on_bad_line, first_field("::"))
     return {
         movie_id: movie_content(title, [g for g in genres.split("|") if g])
         for movie_id, title, genres in frame.select("f0", "f1", "f2").iter_rows()
@@ -128,7 +136,7 @@ def _read_u_item(file: Path, genres: list[str], cfg: DataParams, report: IngestR
     ok = pl.all_horizontal(
         pl.col("fields_ok"), pl.col("f0").str.contains(INT_PATTERN), pl.col("f0").is_first_distinct(), *flags
     )
-    frame = drop_bad_lines(frame, ok, file, expected, report, cfg.on_bad_line)
+    frame = drop_bad_lines(frame, ok, file, expected, report, cfg.on_bad_line, first_field("|"))
     content = {}
     for row in frame.select([f"f{i}" for i in range(n_fields)]).iter_rows():
         # "unknown" is the flag of movies without a genre, not a genre

@@ -20,7 +20,8 @@ descriptions (commas, line breaks) and is read with the csv module.
 Items: ``title`` (``title_en`` when ``title`` is empty), ``description``; every other column goes into
 attributes (whole numbers as ints, empty values left out). Items are listed in item-file order, only
 those with interactions; interactions of items the item file lacks are dropped by ingest
-(``unknown_item``). Images: ``images/<item_id>.jpg`` in data.path, or ``cover/<item_id>.jpg`` (the
+(``unknown_item``), those of an item whose record was skipped (data.on_bad_line: skip) as
+``item_line_skipped``. Images: ``images/<item_id>.jpg`` in data.path, or ``cover/<item_id>.jpg`` (the
 release's folder name) when there is no ``images`` folder.
 """
 
@@ -38,6 +39,7 @@ from molar.data.schema import (
     IngestReport,
     catalog_items,
     drop_bad_lines,
+    drop_items_of_skipped_lines,
     order_interactions,
     read_lines,
     split_fields,
@@ -57,9 +59,10 @@ def read(path: Path, cfg: DataParams, report: IngestReport) -> tuple[pl.DataFram
 
     interactions = order_interactions(_read_interactions(inter_file, headers[inter_file], cfg, report))
     content = _read_items(item_file, cfg, report)
+    interactions = drop_items_of_skipped_lines(interactions, content, report)
     images = path / "images" if (path / "images").is_dir() else path / "cover"
     items = catalog_items(interactions, content, lambda item_id: images / f"{item_id}.jpg", report)
-    return validate(items, interactions, "pixelrec")
+    return validate(items, interactions, "pixelrec", report)
 
 
 def _header(file: Path) -> list[str]:
@@ -123,7 +126,7 @@ def _read_items(file: Path, cfg: DataParams, report: IngestReport) -> dict[str, 
                 row = dict(zip(header, values))
                 item_id = row.get(ITEM, "").strip()
                 if len(values) != len(header) or not item_id or item_id in content:
-                    report.bad_line(cfg.on_bad_line, file, line_no, expected, ",".join(values))
+                    report.bad_line(cfg.on_bad_line, file, line_no, expected, ",".join(values), item_id)
                     continue
                 title = row.get("title", "").strip() or row.get("title_en", "").strip() or f"item {item_id}"
                 attributes = {
