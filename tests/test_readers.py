@@ -715,3 +715,15 @@ def test_pixelrec_skipped_item_record(tmp_path):
     items, interactions, report = run(pixelrec, "pixelrec", tmp_path)
     assert items["item_id"].to_list() == ["i1", "i2"] and len(rows(interactions)) == 3
     assert report.dropped == {"bad_line": 3, "item_line_skipped": 1}
+
+
+def test_no_interactions_left_names_what_dropped_them():
+    # every interaction named an item the item file lacks: the message says so, not "none read"
+    from molar.data.schema import IngestReport, make_interactions, make_items, validate
+
+    report = IngestReport(source="movielens")
+    report.dropped["unknown_item"] += 3
+    items = make_items([{"item_id": "1", "title": "t", "description": "", "attributes": "{}", "image_path": None}])
+    empty = make_interactions([("u", "1", 1)]).head(0)
+    with pytest.raises(BadInputError, match=r"no interactions are left after dropping 3 unknown_item"):
+        validate(items, empty, "movielens", report)

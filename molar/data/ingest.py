@@ -26,7 +26,7 @@ def ingest(params: Params, image_dir: Path, recorded_image_dir: Path) -> tuple[p
         items, interactions = module.generate(cfg, params.seed, image_dir, report, recorded_image_dir)
     else:
         items, interactions = module.read(resolve_path(cfg.source, cfg.path), cfg, report)
-    items, interactions = validate(items, interactions, cfg.source)
+    items, interactions = validate(items, interactions, cfg.source, report)
 
     known = interactions["item_id"].is_in(items["item_id"].implode())
     report.dropped["unknown_item"] += int((~known).sum())
@@ -40,5 +40,5 @@ def ingest(params: Params, image_dir: Path, recorded_image_dir: Path) -> tuple[p
     interactions = interactions.filter(~repeated)
     report.dropped["duplicate"] += before - interactions.height
     report.dropped = +report.dropped  # drop zero counts
-    items, interactions = validate(items, interactions, cfg.source)
+    items, interactions = validate(items, interactions, cfg.source, report)
     return items, interactions, report.as_dict(items.height, interactions.height)

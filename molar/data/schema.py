@@ -132,6 +132,12 @@ def validate(
             f"the first skipped line: {report.first_skip}. Fix the file, or check that data.source names its format "
             "(the Data sources table in README.md lists each format)"
         )
+    if interactions.height == 0 and report is not None and report.dropped:
+        dropped = ", ".join(f"{n:,} {why}" for why, n in sorted(report.dropped.items()))
+        raise BadInputError(
+            f"{source}: no interactions are left after dropping {dropped} (metrics/ingest.json's rows_dropped says "
+            "what each reason means): check that the item file and the interaction file belong together"
+        )
     if interactions.height == 0:
         raise BadInputError(f"{source}: no interactions were read; check data.path and the file format")
     if items.height == 0:
