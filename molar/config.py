@@ -214,7 +214,7 @@ class Floor(Section):
     min: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _says_something(self) -> "Floor":
+    def _has_a_bound(self) -> "Floor":
         given = self.model_fields_set
         if not given:
             raise ValueError("needs over (a model; optional factor) or min, e.g. {over: popularity, factor: 2.0}")
