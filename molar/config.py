@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from molar.errors import UserError
 
@@ -188,11 +188,14 @@ class TrainParams(Section):
 
 
 # ----------------------------------------------------------------------------- eval
+ModelName = Literal["popularity", "sasrec", "molar"]  # what eval.models and ci.floors may name
+
+
 class EvalParams(Section):
     ks: list[int] = [10, 20, 50]
     mask_history: bool = True
     user_chunk_size: int = Field(1024, ge=1)
-    models: list[Literal["popularity", "sasrec", "molar"]] = ["popularity", "sasrec", "molar"]
+    models: list[ModelName] = ["popularity", "sasrec", "molar"]
 
     @field_validator("ks")
     @classmethod
@@ -200,6 +203,55 @@ class EvalParams(Section):
         if not v or any(k < 1 for k in v):
             raise ValueError("needs a non-empty list of positive integers, e.g. [10, 20, 50]")
         return sorted(set(v))
+
+
+# ------------------------------------------------------------------------------- ci
+class Floor(Section):
+    """A model's metric must be above ``factor`` x the ``over`` model's metric and above ``min``."""
+
+    over: ModelName | None = None
+    factor: float = Field(1.0, gt=0.0)
+    min: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> "Floor":
+        given = self.model_fields_set
+        if not given:
+            raise ValueError("needs over (a model; optional factor) or min, e.g. {over: popularity, factor: 2.0}")
+        if "factor" in given and self.over is None:
+            raise ValueError("factor needs over: the model whose metric it multiplies")
+        return self
+
+
+class CiParams(Section):
+    """molar check-metrics (molar/check_metrics.py)."""
+
+    metrics: list[str] = ["ndcg@10"]
+    floors: dict[ModelName, Floor] = {
+        "sasrec": Floor(over="popularity", factor=2.0),
+        "molar": Floor(over="popularity", factor=1.5),
+    }
+    tolerance: float = Field(0.01, ge=0.0, le=1.0)
+
+    @field_validator("metrics")
+    @classmethod
+    def _ranking_metrics(cls, v: list[str]) -> list[str]:
+        import re
+
+        if not v:
+            raise ValueError("needs at least one metric, e.g. [ndcg@10]")
+        bad = [m for m in v if not re.fullmatch(r"(ndcg|recall)@[1-9][0-9]*", m)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not a metric name; use ndcg@K or recall@K, e.g. ndcg@10")
+        return v
+
+    @field_validator("floors")
+    @classmethod
+    def _not_over_itself(cls, v: dict[str, Floor]) -> dict[str, Floor]:
+        selfish = [model for model, floor in v.items() if floor.over == model]
+        if selfish:
+            raise ValueError(f"a floor of {', '.join(selfish)} is over itself; name another model in over")
+        return v
 
 
 class Params(Section):
@@ -214,6 +266,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     threads: int = Field(1, ge=0)
+    ci: CiParams = CiParams()
 
     def section_dict(self, name: str) -> dict:
         """One section as plain data (for hashing the params a stage depends on)."""

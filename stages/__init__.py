@@ -1,10 +1,20 @@
-"""The ``molar`` command line: one subcommand per DVC stage (see dvc.yaml), plus ``recommend``."""
+"""The ``molar`` command line: one subcommand per DVC stage (see dvc.yaml), plus ``recommend`` and ``check-metrics``."""
 
 from __future__ import annotations
 
 import typer
 
-from stages import evaluate, ingest, recommend, sft_data, split, train_mirm, train_molar, train_sasrec
+from stages import (
+    check_metrics,
+    evaluate,
+    ingest,
+    recommend,
+    sft_data,
+    split,
+    train_mirm,
+    train_molar,
+    train_sasrec,
+)
 
 app = typer.Typer(
     name="molar",
@@ -23,5 +33,6 @@ for name, module in (
     ("train-molar", train_molar),
     ("evaluate", evaluate),
     ("recommend", recommend),
+    ("check-metrics", check_metrics),
 ):
     app.command(name, help=module.__doc__)(module.main)
