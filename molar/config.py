@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.error import MarkedYAMLError
 
 from molar.errors import UserError
 
@@ -255,7 +256,8 @@ class CiParams(Section):
 
 
 class Params(Section):
-    seed: int = 42
+    # default_rng takes any non-negative int, torch.manual_seed at most 2**64 - 1
+    seed: int = Field(42, ge=0, lt=2**64)
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
     sft: SftParams = SftParams()
@@ -276,30 +278,39 @@ class Params(Section):
 def _line_of(text: str, dotted: list[str | int]) -> int | None:
     """1-based line of a dotted key in YAML text (the deepest part that exists)."""
     try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
+        node = YAML(typ="rt").load(text)  # round-trip mode: every mapping and list knows its lines
+    except YAMLError:
         return None
     line = None
     for part in dotted:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == str(part)), None)
-            key = next((k for k, v in node.value if k.value == str(part)), None)
-            if match is None:
+        if isinstance(node, dict):
+            key = next((k for k in node if str(k) == str(part)), None)
+            if key is None:
                 return line
-            line, node = key.start_mark.line + 1, match
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
+            line, node = node.lc.key(key)[0] + 1, node[key]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            line, node = node.lc.item(part)[0] + 1, node[part]
         else:
             return line
     return line
 
 
+def _yaml_error(err: YAMLError, source: str) -> str:
+    """``file:line: not valid YAML: problem`` from a ruamel error (its own text spans many lines)."""
+    if not (isinstance(err, MarkedYAMLError) and err.problem_mark and err.problem):
+        return f"{source}: not valid YAML: {err}"
+    where = f" ({err.context} at line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
+    return f"{source}:{err.problem_mark.line + 1}: not valid YAML: {err.problem}{where}"
+
+
 def parse_params(text: str, source: str = "params.yaml") -> Params:
+    # YAML 1.2 with DVC's own reader (dvc/utils/serialize/_yaml.py: parse_yaml), because
+    # `dvc exp run -S` rewrites params.yaml in that dialect (it drops the quotes of "no") and
+    # `dvc params diff` reads it so. Under YAML 1.1 (PyYAML) `no` would be False, 5e-3 a string.
     try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{source}: not valid YAML: {err}") from None
+        raw = YAML(typ="safe").load(text) or {}
+    except YAMLError as err:
+        raise ParamsError(_yaml_error(err, source)) from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: the top level must be a mapping of sections (seed, data, split, ...)")
     try:
@@ -321,6 +332,8 @@ def parse_params(text: str, source: str = "params.yaml") -> Params:
             else:
                 msg = e["msg"]
             got = e.get("input")
+            if e["type"] == "bool_type" and isinstance(got, str):
+                msg += "; write true or false (in YAML 1.2, as DVC reads it, yes/no/on/off are strings)"
             got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"{where}: {dotted}: {msg}{got_s}")
         raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None

@@ -301,14 +301,40 @@ def test_nan_in_embeddings_is_an_error():
         evaluate_embeddings(users, items, [1, 2, 3], progress=False)
 
 
-def test_overflowing_dot_products_are_screened():
-    # 1e20 * 1e20 overflows float32: item 1 scores +inf (ranked), item 2 scores inf - inf = NaN.
-    users = torch.tensor([[1e20, 1e20]])
-    items = torch.tensor([[0.0, 0.0], [1e20, 1e20], [1e20, -1e20], [1.0, 1.0]])
+def test_nan_in_an_item_embedding_is_an_error_naming_the_item():
+    # NaN * x and NaN + x are NaN in every kernel, whatever its summation order or FMA use
+    # (an overflow, inf - inf, is not: a kernel may round it to inf instead; see the next tests)
+    users, items = torch.ones(2, 2), torch.ones(4, 2)
+    items[2, 0] = NAN
     with pytest.raises(NonFiniteScoreError, match=r"user #0 for item id 2"):
-        evaluate_embeddings(users, items, [1], progress=False)
-    finite = evaluate_embeddings(users, items[[0, 1, 3]], [1], ks=(1,), progress=False)
-    assert finite == {"ndcg@1": 1.0, "recall@1": 1.0}
+        evaluate_embeddings(users, items, [1, 3], progress=False)
+
+
+def test_infinite_dot_products_are_ranked():
+    # One infinite coordinate per item and positive user weights: +inf, 2, -inf exactly (no inf - inf).
+    # The row sum (inf - inf = NaN) trips the cheap NaN screen, and the exact check must clear it.
+    users = torch.tensor([[1.0, 1.0]])
+    items = torch.tensor([[0.0, 0.0], [INF, 1.0], [1.0, 1.0], [-INF, 1.0]])
+    assert evaluate_embeddings(users, items, [1], ks=(1,), progress=False) == {"ndcg@1": 1.0, "recall@1": 1.0}
+    # the -inf target ties with nothing and has both other items above it: rank 2
+    assert evaluate_embeddings(users, items, [3], ks=(3,), progress=False)["recall@3"] == 1.0
+    assert evaluate_embeddings(users, items, [3], ks=(2,), progress=False)["recall@2"] == 0.0
+
+
+def test_embeddings_that_could_overflow_are_screened_for_nan():
+    # Whether 1e20 * 1e20 - 1e20 * 1e20 comes out NaN or inf depends on the BLAS kernel; what
+    # the evaluator guarantees is that it screens every tile once the dot products *may* overflow
+    # (d * max|u| * max|v| within a factor 2 of the float32 maximum, 3.4e38).
+    def safe(user_max: float, item_max: float, d: int = 2) -> bool:
+        users, items = torch.full((3, d), user_max), torch.full((4, d), -item_max)
+        items[0] = 1e30  # the padding row is never read: it does not count
+        return ev._dot_products_are_safe(users, items, torch.float32)
+
+    assert safe(1e18, 1e18)  # bound 2e36
+    assert not safe(1e19, 1e19)  # bound 2e38 > 1.7e38
+    assert not safe(1e18, 1e18, d=200)  # the bound grows with the width: 2e38
+    assert ev._dot_products_are_safe(torch.full((1, 2), 1e19), torch.full((2, 2), 1e19), torch.float64)
+    assert not safe(INF, 1.0) and not safe(NAN, 1.0)  # non-finite inputs: always screened
 
 
 def test_nan_padding_embedding_is_ignored():

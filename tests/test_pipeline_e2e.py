@@ -2,35 +2,12 @@
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from e2e_repo import DVC, git_copy, run, tool_env  # tests/e2e_repo.py
 
 from molar.config import load_params
 from molar.data.split import load_split
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
-    ).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-
-
-def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout
 
 
 def uniform_random_expectation(histories, targets, n_items, k, mask_history=True):
@@ -48,15 +25,10 @@ def uniform_random_expectation(histories, targets, n_items, k, mask_history=True
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("repo")
-    _copy_repo(work)
-    for stale in ("dvc.lock",):
-        (work / stale).unlink(missing_ok=True)
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the `molar` script
-    _run(["git", "init", "-q"], work, env)
-    dvc = [sys.executable, "-m", "dvc"]
-    out = _run([*dvc, "repro"], work, env)
-    shown = _run([*dvc, "metrics", "show"], work, env)
+    env = tool_env()
+    git_copy(work, env)
+    out = run([*DVC, "repro"], work, env)
+    shown = run([*DVC, "metrics", "show"], work, env)
     return work, out, shown
 
 
@@ -99,9 +71,7 @@ def test_learned_models_beat_popularity(pipeline_run):
 @pytest.mark.slow
 def test_second_repro_is_a_no_op(pipeline_run):
     work, _, _ = pipeline_run
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    status = _run([sys.executable, "-m", "dvc", "status"], work, env)
+    status = run([*DVC, "status"], work, tool_env())
     assert "up to date" in status.lower(), status
 
 
