@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import evaluate, ingest, recommend, sft_data, split, train_mirm, train_molar, train_sasrec
+from stages import evaluate, ingest, recommend, sft_data, split, train_mirm, train_molar, train_popularity, train_sasrec
 
 app = typer.Typer(
     name="molar",
@@ -21,6 +21,7 @@ for name, module in (
     ("train-mirm", train_mirm),
     ("train-sasrec", train_sasrec),
     ("train-molar", train_molar),
+    ("train-popularity", train_popularity),
     ("evaluate", evaluate),
     ("recommend", recommend),
 ):

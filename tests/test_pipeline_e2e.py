@@ -49,7 +49,7 @@ def uniform_random_expectation(histories, targets, n_items, k, mask_history=True
 def pipeline_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("repo")
     _copy_repo(work)
-    for stale in ("dvc.lock",):
+    for stale in ("dvc.lock", "train/dvc.lock"):
         (work / stale).unlink(missing_ok=True)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the `molar` script
@@ -71,6 +71,8 @@ def test_dvc_repro_writes_complete_metrics(pipeline_run):
             expected = {f"{m}@{k}" for m in ("ndcg", "recall") for k in params.eval.ks}
             assert set(values) == expected, (name, model)
             assert all(0.0 <= v <= 1.0 for v in values.values()), (name, model, values)
+            # merged from the model's own evaluation stage (evaluate-model@<model>)
+            assert values == json.loads((work / "metrics" / "by_model" / model / name).read_text()), (name, model)
     assert "popularity" in shown and "ndcg@10" in shown
 
 
