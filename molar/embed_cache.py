@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from molar.backbones import Backbone
 from molar.io import atomic_path
@@ -82,10 +82,29 @@ def embed_catalog(backbone: Backbone, encoder: PromptEncoder, items: pl.DataFram
     return torch.cat([torch.zeros(1, rows.shape[1]), rows])
 
 
+def _write_sorted_header(data: bytes, path: Path) -> None:
+    """Write the safetensors file ``data`` to ``path`` with its JSON header's keys sorted.
+
+    safetensors writes ``__metadata__`` from a hash map, so its key order (and the file's bytes)
+    changes from one write to the next; DVC hashes bytes, and would rerun every stage downstream of
+    an unchanged table. The header is re-serialized compactly, as safetensors does, and padded with
+    spaces to a multiple of 8 bytes (the alignment the format requires); the tensor bytes follow
+    unchanged, their offsets being relative to the end of the header.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(memoryview(data)[8 + n :])  # no copy of the tensor bytes
+
+
 def save_catalog_embeddings(path: str | Path, table: torch.Tensor, key: str, checkpoint: str | Path) -> None:
+    """Write the table (format in the module docstring) atomically, byte-identical for equal inputs."""
     metadata = {"key": key, "checkpoint": str(checkpoint), "n_items": str(table.shape[0] - 1), "hidden_size": str(table.shape[1])}
     with atomic_path(path) as tmp:
-        save_file({TENSOR: table.contiguous()}, str(tmp), metadata=metadata)
+        _write_sorted_header(save({TENSOR: table.contiguous()}, metadata=metadata), tmp)
 
 
 def load_catalog_embeddings(path: str | Path, key: str | None = None) -> torch.Tensor | None:

@@ -41,7 +41,8 @@ point (kill -9 included) restarts from the last checkpoint and, on CPU, ends wit
 weights and metrics. A checkpoint whose key differs is deleted and training starts fresh: the
 key is the caller's ``run_key`` (a hash of the params and data that define the run) joined with
 a hash of ``settings`` (all but ``CONTINUABLE``). A finished run keeps its checkpoint marked done:
-rerunning returns the stored result without training.
+rerunning returns the stored result without training, and says so (``replay_message``: even
+``dvc repro -f`` replays it; deleting ``state_dir`` retrains from scratch).
 
 ``checkpoint_every`` and ``patience`` (``CONTINUABLE``) say when to save and when to stop, not how
 to train, so changing them continues a run: on resume the stored validation history is replayed
@@ -309,6 +310,15 @@ def _make_accelerator(mixed_precision: str) -> Accelerator:
 
 
 # --------------------------------------------------------------------------------- fit
+def replay_message(desc: str, state_dir: Path) -> str:
+    """What a rerun of a finished run (``dvc repro -f`` included) says: nothing was trained, and how
+    to train again (DVC reruns a stage whose state output is gone)."""
+    return (
+        f"{desc}: {state_dir} holds a finished run with this key; replayed it, no training. "
+        f"To retrain from scratch: rm -r {state_dir} && dvc repro"
+    )
+
+
 def fit(
     model: torch.nn.Module,
     settings: LoopSettings,
@@ -374,8 +384,10 @@ def fit(
         best_state, best_metric, best_epoch = ckpt["best_state"], ckpt["best_metric"], ckpt["best_epoch"]
         stopped_early = stop_epoch is not None
         done = stopped_early or epoch == settings.epochs
-        where = "finished run" if done else f"epoch {epoch + 1}, batch {batch_done}/{batches_per_epoch}"
-        tqdm.write(f"{desc}: resuming from {ckpt_path} ({where})")
+        if done:
+            tqdm.write(replay_message(desc, state_dir))
+        else:
+            tqdm.write(f"{desc}: resuming from {ckpt_path} (epoch {epoch + 1}, batch {batch_done}/{batches_per_epoch})")
 
     def save() -> None:
         if not accelerator.is_main_process:  # one writer; every process reads the same file on resume

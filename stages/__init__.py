@@ -13,6 +13,7 @@ from stages import (
     split,
     train_mirm,
     train_molar,
+    train_popularity,
     train_sasrec,
 )
 
@@ -31,6 +32,7 @@ for name, module in (
     ("train-mirm", train_mirm),
     ("train-sasrec", train_sasrec),
     ("train-molar", train_molar),
+    ("train-popularity", train_popularity),
     ("evaluate", evaluate),
     ("recommend", recommend),
     ("check-metrics", check_metrics),

@@ -1,20 +1,25 @@
-"""Rank the full catalog for every validation and test user; write metrics/valid.json and metrics/eval.json.
+"""Evaluate one model (--model NAME) or merge the models of eval.models (--merge) into metrics/.
 
-Models come from eval.models; each is scored over all items with the user's history masked
-(eval.mask_history) and NDCG@K / Recall@K reported for eval.ks.
+`--model NAME` ranks the full catalog for every validation and test user, with the user's
+history masked (eval.mask_history), and writes NDCG@K / Recall@K for eval.ks to
+metrics/by_model/NAME/{valid,eval}.json. `--merge` gathers those files for the models of
+eval.models, in that order, into metrics/valid.json, metrics/eval.json ({model: metrics}) and
+metrics/eval_by_k.csv. DVC runs one `evaluate-model@NAME` stage per entry of eval.models, then
+the merge (stage `evaluate`), so only the models listed are trained.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
 from molar.config import Params
-from molar.data.split import SplitData, Targets, load_split
-from molar.io import METRICS, MODELS, PROCESSED, atomic_path, write_json
+from molar.data.split import SplitData, load_split
 from molar.errors import UserError
+from molar.io import METRICS, MODELS, PROCESSED, atomic_path, write_json
+from molar.model_metrics import PART_FILES, by_k_csv, merge_model_metrics, model_dir
 from stages.common import PARAMS_OPTION, prepare_outputs, read_params, use_threads, user_errors
 
 if TYPE_CHECKING:  # torch loads only when a stage runs: `molar --help` stays fast
@@ -23,15 +28,16 @@ if TYPE_CHECKING:  # torch loads only when a stage runs: `molar --help` stays fa
 ScoreFn = Callable[[list[list[int]]], "torch.Tensor"]
 
 
-ScorerFor = Callable[[Targets], ScoreFn]  # the score function to rank one split (valid or test) with
+ScorerFor = Callable[[str], ScoreFn]  # split name (valid or test) -> the score function to rank it with
+BY_MODEL = METRICS / "by_model"  # per-model metric files, merged by `molar evaluate --merge`
 
 
 def _popularity(split: SplitData, params: Params) -> ScorerFor:
-    from molar.models.popularity import Popularity
+    from molar.models.popularity import load_popularity
 
-    # counted over the histories of the split being ranked: for test these include the
-    # validation targets, which the model may know at that point in time
-    return lambda part: Popularity.fit(part.histories, split.n_items).score
+    # one count row per split, over what the model may know when that split is ranked
+    models = {part: load_popularity(MODELS / "popularity", part) for part in PART_FILES}
+    return lambda part: models[part].score
 
 
 def _sasrec(split: SplitData, params: Params) -> ScorerFor:
@@ -56,40 +62,55 @@ SCORERS: dict[str, Callable[[SplitData, Params], ScorerFor]] = {
 }
 
 
-def main(params: Path = PARAMS_OPTION) -> None:
+MODEL_OPTION = typer.Option(None, "--model", help=f"evaluate this model ({', '.join(SCORERS)}) into {BY_MODEL}/NAME/")
+MERGE_OPTION = typer.Option(False, "--merge", help=f"merge {BY_MODEL}/NAME/ of the eval.models into {METRICS}/")
+
+
+def main(params: Path = PARAMS_OPTION, model: Optional[str] = MODEL_OPTION, merge: bool = MERGE_OPTION) -> None:
+    cfg = read_params(params)
+    with user_errors():
+        if (model is not None) == merge:  # both or neither
+            raise UserError("give one of --model NAME (evaluate one model) or --merge (write metrics/eval.json)")
+        if model is not None and model not in SCORERS:
+            raise UserError(f"--model {model}: no scorer of that name; available: {', '.join(SCORERS)}")
+    if merge:
+        _merge(cfg)
+    else:
+        _evaluate(model, cfg)
+
+
+def _evaluate(name: str, cfg: Params) -> None:
     import torch
 
     from molar.evaluate import evaluate_scorer  # imported here so `molar --help` stays fast
 
-    cfg = read_params(params)
-    prepare_outputs(METRICS / "valid.json", METRICS / "eval.json", METRICS / "eval_by_k.csv")
+    out = model_dir(BY_MODEL, name)
+    prepare_outputs(*(out / f for f in PART_FILES.values()))
     use_threads(cfg)
     torch.manual_seed(cfg.seed)
     with user_errors():
         split = load_split(PROCESSED)
-        unknown = [m for m in cfg.eval.models if m not in SCORERS]
-        if unknown:
-            raise UserError(f"eval.models: no scorer for {unknown}; available: {', '.join(SCORERS)}")
-    results: dict[str, dict] = {"valid": {}, "test": {}}
-    for name in cfg.eval.models:
-        with user_errors():
-            scorer_for = SCORERS[name](split, cfg)
-        for part, targets in (("valid", split.valid), ("test", split.test)):
-            results[part][name] = evaluate_scorer(
-                scorer_for(targets),
-                targets.histories,
-                targets.targets,
-                split.n_items,
-                ks=cfg.eval.ks,
-                mask_history=cfg.eval.mask_history,
-                chunk_size=cfg.eval.user_chunk_size,
-            )
-            typer.echo(f"{part:5s} {name:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in results[part][name].items()))
-    write_json(results["valid"], METRICS / "valid.json")
-    write_json(results["test"], METRICS / "eval.json")
-    # per-K plot data: one row per (model, K), drawn by `dvc plots show` (see dvc.yaml)
+        scorer_for = SCORERS[name](split, cfg)
+    for part, targets in (("valid", split.valid), ("test", split.test)):
+        metrics = evaluate_scorer(
+            scorer_for(part),
+            targets.histories,
+            targets.targets,
+            split.n_items,
+            ks=cfg.eval.ks,
+            mask_history=cfg.eval.mask_history,
+            chunk_size=cfg.eval.user_chunk_size,
+        )
+        typer.echo(f"{part:5s} {name:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        write_json(metrics, out / PART_FILES[part])
+
+
+def _merge(cfg: Params) -> None:
+    prepare_outputs(*(METRICS / f for f in PART_FILES.values()), METRICS / "eval_by_k.csv")
+    with user_errors():
+        merged = merge_model_metrics(BY_MODEL, cfg.eval.models, cfg.eval.ks)
+    for part, name in PART_FILES.items():
+        write_json(merged[part], METRICS / name)
     with atomic_path(METRICS / "eval_by_k.csv") as tmp:
-        lines = ["model,k,ndcg,recall"]
-        for name, m in results["test"].items():
-            lines += [f"{name},{k},{m[f'ndcg@{k}']:.6f},{m[f'recall@{k}']:.6f}" for k in cfg.eval.ks]
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text(by_k_csv(merged["test"], cfg.eval.ks))
+    typer.echo(f"evaluate: {', '.join(cfg.eval.models)} -> {', '.join(str(METRICS / n) for n in PART_FILES.values())}")

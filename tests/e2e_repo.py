@@ -25,10 +25,11 @@ def copy_repo(dst: Path) -> None:
 
 
 def git_copy(dst: Path, env: dict) -> None:
-    """A fresh git repository in dst holding a copy of this checkout, without dvc.lock (so
-    `dvc repro` runs every stage), with a committer identity for `git commit` and `dvc exp run`."""
+    """A fresh git repository in dst holding a copy of this checkout, without its dvc.lock files
+    (so `dvc repro` runs every stage), with a committer identity for `git commit` and `dvc exp run`."""
     copy_repo(dst)
-    (dst / "dvc.lock").unlink(missing_ok=True)
+    for lock in ("dvc.lock", "train/dvc.lock"):
+        (dst / lock).unlink(missing_ok=True)
     run(["git", "init", "-q"], dst, env)
     run(["git", "config", "user.name", "molar tests"], dst, env)
     run(["git", "config", "user.email", "tests@molar.invalid"], dst, env)

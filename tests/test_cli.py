@@ -34,7 +34,7 @@ def test_an_output_folder_that_cannot_be_made_stops_before_the_work(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").write_text("a file where the metrics folder should be")
     (tmp_path / "params.yaml").write_text("seed: 1\n")
-    result = runner.invoke(app, ["evaluate"])
+    result = runner.invoke(app, ["evaluate", "--merge"])
     assert result.exit_code == 2, result.output
     # named before evaluate looks for its inputs (there is no data/processed/ here either)
     assert result.output.startswith("error: metrics/: cannot create this output folder")

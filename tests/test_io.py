@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shlex
+
 import pytest
-import yaml
+from dvc_project import dvc_stages  # tests/dvc_project.py
 from typer.testing import CliRunner
 
 from molar.io import atomic_path, sweep_temps
 from stages import app
 from stages.common import prepare_outputs
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -94,27 +95,23 @@ class _Prepared(Exception):
     pass
 
 
-def _dvc_outputs(stage: dict) -> set[Path]:
-    entries = [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
-    return {Path(next(iter(e)) if isinstance(e, dict) else e) for e in entries}
-
-
 def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-CLI_STAGES = [(name, s) for name, s in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()
-              if s.get("cmd", "").startswith("molar ") and "foreach" not in s]
+# every stage DVC runs, foreach-generated ones (evaluate-model@NAME) and train/dvc.yaml's included
+CLI_STAGES = [stage for stage in dvc_stages() if stage.cmd.startswith("molar ")]
 
 
-@pytest.mark.parametrize("name,stage", CLI_STAGES, ids=[n for n, _ in CLI_STAGES])
-def test_every_stage_prepares_exactly_its_dvc_outputs(name, stage, tmp_path, monkeypatch):
-    """Each stage command hands prepare_outputs every output dvc.yaml declares for it (a folder
-    output may be given by the file it writes inside, as a checkpoint in data/state/<stage>/)."""
+@pytest.mark.parametrize("stage", CLI_STAGES, ids=[s.addressing for s in CLI_STAGES])
+def test_every_stage_prepares_exactly_its_dvc_outputs(stage, tmp_path, monkeypatch):
+    """Each stage command hands prepare_outputs every output DVC declares for it (outs, metrics and
+    plots; a folder output may be given by the file it writes inside, as a checkpoint in
+    data/state/<stage>/)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("seed: 1\n")
-    command = stage["cmd"].split()[1]
-    module = next(m for n, m in [(c.name, c.callback) for c in app.registered_commands] if n == command).__module__
+    argv = shlex.split(stage.cmd)[1:]
+    module = next(c.callback.__module__ for c in app.registered_commands if c.name == argv[0])
     seen: list[Path] = []
 
     def record(*paths):
@@ -122,9 +119,10 @@ def test_every_stage_prepares_exactly_its_dvc_outputs(name, stage, tmp_path, mon
         raise _Prepared
 
     monkeypatch.setattr(f"{module}.prepare_outputs", record)
-    result = runner.invoke(app, [command])
+    result = runner.invoke(app, argv)
     assert isinstance(result.exception, _Prepared), (result.output, result.exception)
-    declared = _dvc_outputs(stage)
+    declared = {Path(out.def_path) for out in stage.outs}
+    assert declared, stage.addressing
     assert all(any(_within(p, d) for d in declared) for p in seen), (seen, declared)
     assert all(any(_within(p, d) for p in seen) for d in declared), (seen, declared)
 

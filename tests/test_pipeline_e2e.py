@@ -43,6 +43,8 @@ def test_dvc_repro_writes_complete_metrics(pipeline_run):
             expected = {f"{m}@{k}" for m in ("ndcg", "recall") for k in params.eval.ks}
             assert set(values) == expected, (name, model)
             assert all(0.0 <= v <= 1.0 for v in values.values()), (name, model, values)
+            # merged from the model's own evaluation stage (evaluate-model@<model>)
+            assert values == json.loads((work / "metrics" / "by_model" / model / name).read_text()), (name, model)
     assert "popularity" in shown and "ndcg@10" in shown
 
 

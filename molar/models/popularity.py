@@ -7,16 +7,25 @@ Column 0 (the padding id) scores -inf, so it sorts last for any consumer that do
 
 Fit it on what a model may know at evaluation time: the training sequences for the validation
 split, and the test histories (training sequence + validation target) for the test split.
+``save_popularity`` stores one count row per split in data/models/popularity/ (stage
+train-popularity), so the popularity baseline is a model directory like every other.
 """
 
 from __future__ import annotations
 
+import json
 from itertools import chain
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from molar.errors import UserError
+from molar.io import atomic_path
+
+COUNTS_FILE = "counts.json"
 
 
 class Popularity:
@@ -56,3 +65,23 @@ class Popularity:
         A broadcast (read-only) view of one row: no per-user memory. Copy it before writing.
         """
         return self.item_scores.expand(len(histories), -1)
+
+
+def save_popularity(directory: str | Path, histories: Mapping[str, Sequence[Sequence[int]]], n_items: int) -> None:
+    """Write ``counts.json`` into ``directory`` (atomically): per split name (``valid``, ``test``),
+    the counts fitted on the histories a model may know when that split is ranked."""
+    counts = {part: Popularity.fit(h, n_items).item_scores[1:].long().tolist() for part, h in histories.items()}
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        (tmp / COUNTS_FILE).write_text(json.dumps({"model": "popularity", "n_items": n_items, "counts": counts}) + "\n")
+
+
+def load_popularity(directory: str | Path, part: str) -> Popularity:
+    """The model saved by :func:`save_popularity` for ranking split ``part``."""
+    path = Path(directory) / COUNTS_FILE
+    if not path.exists():
+        raise UserError(f"{directory}: no popularity counts ({COUNTS_FILE}); run `molar train-popularity` first")
+    counts = json.loads(path.read_text())["counts"]
+    if part not in counts:
+        raise UserError(f"{path}: no counts for split {part!r} (has {', '.join(counts)}); rerun `molar train-popularity`")
+    return Popularity(torch.tensor([0, *counts[part]]))
