@@ -223,6 +223,7 @@ def full_depth_throughput(backbone, table, params, tables, steps: int = 3) -> di
 
 # ---------------------------------------------------------------------------- throughput
 THROUGHPUT_PARAMS = """\
+threads: {threads}
 train:
   epochs: 1
   mirm_trainable: {trainable}
@@ -238,7 +239,11 @@ def embedded_default_throughput() -> dict:
     import os
 
     def compute():
+        import torch
+
         from stages import ingest, split, train_mirm, train_molar, train_sasrec
+
+        threads = torch.get_num_threads()  # --threads: the stages pin torch to the threads param
 
         here = Path.cwd()
         records = {}
@@ -246,11 +251,11 @@ def embedded_default_throughput() -> dict:
             os.chdir(tmp)
             try:
                 params = Path(tmp) / "params.yaml"
-                params.write_text(THROUGHPUT_PARAMS.format(trainable="false"))
+                params.write_text(THROUGHPUT_PARAMS.format(threads=threads, trainable="false"))
                 for stage in (ingest, split, train_mirm, train_sasrec):
                     stage.main(params)
                 for trainable in ("false", "true"):
-                    params.write_text(THROUGHPUT_PARAMS.format(trainable=trainable))
+                    params.write_text(THROUGHPUT_PARAMS.format(threads=threads, trainable=trainable))
                     train_molar.main(params)
                     summary = json.loads(Path("metrics/molar_train/summary.json").read_text())
                     records["end_to_end" if trainable == "true" else "cached"] = {
