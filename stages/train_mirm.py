@@ -30,7 +30,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
     # torch/transformers load here, not at import: `molar --help` stays fast
     from molar.backbones import DTYPES, load_backbone
     from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
-    from molar.models.mirm import backbone_corpus, finetune, make_encoder
+    from molar.models.mirm import backbone_corpus, finetune, input_report, make_encoder
     from molar.train import CHECKPOINT, process_state, run_defining, run_key
 
     cfg = read_params(params)
@@ -41,6 +41,10 @@ def main(params: Path = PARAMS_OPTION) -> None:
     started = time.perf_counter()
     with user_errors():
         items = pl.read_parquet(require_input(PROCESSED / "items.parquet", "split")).sort("item_idx")
+        inputs = input_report(items, mirm.backbone, mirm.modalities, cfg.data.source)
+        if state.is_main_process:
+            for warning in inputs["warnings"]:
+                typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
         training = mirm.finetune != "none"
         load = dict(
             corpus=backbone_corpus(items),
@@ -84,6 +88,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
             hidden_size=table.shape[1],
             item_embedding_norm_mean=float(norms.mean()),
             item_embedding_std=float(table[1:].std(dim=0).mean()),  # ~0 would mean collapsed embeddings
+            inputs=inputs,  # items per modality and the warnings printed above
             threads=threads,  # results are bit-identical for one thread count only
             seconds=round(time.perf_counter() - started, 1),
         )

@@ -22,6 +22,7 @@ from molar.models.mirm import (
     cur_item_states,
     embed_items,
     finetune,
+    input_report,
     sft_loss,
     water_fill,
 )
@@ -337,3 +338,23 @@ def test_train_mirm_stage_two_processes(tmp_path, images):
     enc = PromptEncoder(saved, template=TEMPLATE, modalities=["text", "image"], max_text_tokens=96, image_root=tmp_path)
     items = pl.read_parquet(tmp_path / "data/processed/items.parquet")
     torch.testing.assert_close(sharded, embed_catalog(saved, enc, items, batch_size=32), atol=1e-5, rtol=1e-4)
+
+
+def test_input_report_counts_modalities_and_warns_where_input_cannot_help():
+    items = items_table([ItemText("Heat", "", "", "/img/1.png"), ItemText("Alien", "a film", "Genre: scifi", None)])
+    clean = input_report(items, "tiny-qwen2-vl", ["text", "image"], "synthetic")
+    assert clean == {"items_with_image": 1, "items_with_text": 2, "missing_modalities": [], "warnings": []}
+
+    # the random preset on real data is named, with the pretrained presets to use instead
+    real = input_report(items, "tiny-qwen2-vl", ["text"], "movielens")
+    assert len(real["warnings"]) == 1 and "smollm2-135m" in real["warnings"][0]
+    assert input_report(items, "smollm2-135m", ["text"], "movielens")["warnings"] == []
+
+    # images asked for where no item has one (ml-100k): reported, not silently dropped
+    no_images = items_table([ItemText("Heat", "", "", None), ItemText("Alien", "", "", None)])
+    report = input_report(no_images, "/models/qwen2-vl", ["text", "image"], "recbole")
+    assert report["items_with_image"] == 0 and report["missing_modalities"] == ["image"]
+    assert report["warnings"] == [
+        "mirm.modalities asks for image, but none of the 2 items has an image; "
+        "drop it from mirm.modalities (it adds nothing to the prompts)"
+    ]

@@ -75,6 +75,43 @@ def backbone_corpus(items: pl.DataFrame) -> list[str]:
     return [f"{t.title}\n{t.description}\n{t.attributes}" for t in item_texts(items)]
 
 
+def input_report(items: pl.DataFrame, backbone: str, modalities: Sequence[str], source: str) -> dict:
+    """What MIRM is fed: how many items carry each modality, and warnings where the input cannot help.
+
+    Two cases run without error but learn little: the random-init ``tiny-qwen2-vl`` preset (right for
+    the synthetic default, whose tokenizer and weights know nothing of real items) on real data, and a
+    modality of ``mirm.modalities`` that no item has (images asked for on ml-100k, which has none).
+    Returns ``{"items_with_image", "items_with_text", "missing_modalities", "warnings"}``.
+    """
+    from molar.backbones import SMOLLM2_135M, TINY_QWEN2_VL
+
+    texts = item_texts(items)
+    present = {
+        "image": sum(t.image_path is not None for t in texts),
+        "text": sum(bool(t.title or t.description or t.attributes) for t in texts),
+    }
+    missing = [m for m in modalities if present[m] == 0]
+    warnings = []
+    if backbone == TINY_QWEN2_VL and source != "synthetic":
+        warnings.append(
+            f"mirm.backbone {TINY_QWEN2_VL} is a random-init model built for the synthetic default; on "
+            f"data.source {source} its item embeddings carry little meaning. Use a pretrained one: "
+            f"{SMOLLM2_135M} (text) or a Qwen2-VL checkpoint directory (README: Real backbones)"
+        )
+    for modality in missing:
+        warnings.append(
+            f"mirm.modalities asks for {modality}, but none of the {items.height:,} items has "
+            f"{'an image' if modality == 'image' else 'text'}; "
+            f"drop it from mirm.modalities (it adds nothing to the prompts)"
+        )
+    return {
+        "items_with_image": present["image"],
+        "items_with_text": present["text"],
+        "missing_modalities": missing,
+        "warnings": warnings,
+    }
+
+
 def prompt_template(prompts: dict[str, str], source: str) -> str:
     """The template of ``source`` (``data.source``), else the default one."""
     return prompts.get(source, prompts["default"])
