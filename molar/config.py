@@ -127,11 +127,12 @@ class MirmParams(Section):
         return v
 
 
-# --------------------------------------------------------------------------- sasrec
-class SasrecParams(Section):
+# ------------------------------------------------------------------------ ID models
+class IdModelParams(Section):
+    """What every ID model's section holds: its width and history length, and how it is trained
+    (one next-item recipe trains every ID model). Each model's section adds its architecture."""
+
     hidden_size: int = Field(64, ge=1)
-    num_blocks: int = Field(2, ge=1)
-    num_heads: int = Field(1, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     max_length: int = Field(50, ge=2)
     loss: Literal["ce", "bce", "sampled_ce"] = "ce"
@@ -145,6 +146,11 @@ class SasrecParams(Section):
     grad_clip: float = Field(1.0, ge=0.0)
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(200, ge=1)
+
+
+class SasrecParams(IdModelParams):
+    num_blocks: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
 
 
 # ---------------------------------------------------------------------------- align
