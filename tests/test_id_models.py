@@ -14,9 +14,12 @@ import torch
 from typer.testing import CliRunner
 
 from molar.errors import UserError
+from molar.models import mirm, molar
 from molar.models.registry import ID_MODELS, load_id_model
 from molar.models.sasrec import SASRec, SasrecConfig
 from stages import app
+
+MIRM_FILE, MOLAR_FILE = Path(mirm.__file__), Path(molar.__file__)
 
 
 def _sasrec(tmp_path: Path) -> tuple[SASRec, Path]:
@@ -56,9 +59,11 @@ def test_train_id_rejects_an_unknown_model_before_touching_outputs(tmp_path, mon
     assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()
 
 
-@pytest.mark.parametrize("name", sorted(ID_MODELS))
-def test_model_files_import_no_training_code(name):
-    source = Path(inspect.getfile(ID_MODELS[name]))
+MODEL_FILES = sorted({Path(inspect.getfile(cls)) for cls in ID_MODELS.values()} | {MIRM_FILE, MOLAR_FILE})
+
+
+@pytest.mark.parametrize("source", MODEL_FILES, ids=lambda p: p.name)
+def test_model_files_import_no_training_code(source):
     imported = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
