@@ -5,7 +5,7 @@
 
 Quality (test split, full catalog, history masked), everything in this one run:
 - data: ../shared/data/ml-1m through the pipeline's ingest (``sasrec-txt`` reader) and split;
-- SASRec-CE: ``train_sasrec`` with the preset's sasrec section (overrides below); it is also the
+- SASRec-CE: ``train_id_model("sasrec", ...)`` with the preset's sasrec section (overrides below); it is also the
   frozen ID model Molar aligns to;
 - MIRM: ``smollm2-135m`` (text: the ``movielens`` prompt, title + year + genres), not fine-tuned,
   its ``[Cur_Item]`` states cached for the catalog (``molar.embed_cache``);
@@ -109,7 +109,8 @@ def test_metrics(score_fn, tables, n_items, params) -> dict:
 
 
 def run_sasrec(params, tables, n_items):
-    from molar.models.sasrec import SASRec, load_scorer, train_sasrec
+    from molar.models.sasrec import SASRec
+    from molar.recipes.id_models import load_scorer, train_id_model
     from molar.train import run_defining, run_key
 
     model_dir = OUT / "sasrec" / "model"
@@ -117,8 +118,8 @@ def run_sasrec(params, tables, n_items):
     def compute():
         train = tables["train"].sort("user_idx")["items"].to_list()
         valid = tables["valid"].sort("user_idx")
-        model, result = train_sasrec(
-            train, valid["history"].to_list(), valid["target"].to_list(), n_items, params.sasrec, params.seed,
+        model, result = train_id_model(
+            "sasrec", params.sasrec, train, valid["history"].to_list(), valid["target"].to_list(), n_items, params.seed,
             state_dir=OUT / "sasrec" / "state", mask_history=params.eval.mask_history,
             eval_chunk_size=params.eval.user_chunk_size, desc="sasrec-ce",
         )
@@ -154,6 +155,7 @@ def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec, sa
 
     from molar.models import molar as M
     from molar.models.dueg import decoder_of, user_embedding_of
+    from molar.recipes import molar as recipe
     from molar.train import run_defining, run_key
 
     out = OUT / f"molar-alpha{alpha:g}"
@@ -168,7 +170,7 @@ def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec, sa
         train = tables["train"].sort("user_idx")["items"].to_list()
         valid = tables["valid"].sort("user_idx")
         started = time.perf_counter()
-        result, step_log = M.train_molar(
+        result, step_log = recipe.train_molar(
             model, train, valid["history"].to_list(), valid["target"].to_list(), p, sasrec,
             state_dir=out / "state", run_key=key, mask_history=p.eval.mask_history,
             eval_chunk_size=256, desc=f"molar-a{alpha:g}",
@@ -179,7 +181,7 @@ def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec, sa
         sequences = sum(1 for s in train if len(s) >= 2)
         return {
             "alpha": alpha,
-            "test": test_metrics(M.load_scorer(model), tables, n_items, p),
+            "test": test_metrics(recipe.load_scorer(model), tables, n_items, p),
             "best_valid_ndcg@10": result.best_metric, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
             "seconds_per_epoch": sum(seconds) / len(seconds), "train_sequences_per_s": sequences / (sum(seconds) / len(seconds)),
             "history": result.history, "resumed": result.resumed, "wall_seconds": wall, "peak_rss_mib": peak_mib(),
@@ -196,7 +198,7 @@ def full_depth_throughput(backbone, table, params, tables, steps: int = 3) -> di
 
     from molar.models import molar as M
     from molar.models.dueg import decoder_of
-    from molar.models.sasrec import NextItemBatches
+    from molar.recipes.id_models import NextItemBatches
 
     def compute():
         p = params.model_copy(update={"dueg": params.dueg.model_copy(update={"layers": 0}),
@@ -241,7 +243,7 @@ def embedded_default_throughput() -> dict:
     def compute():
         import torch
 
-        from stages import ingest, split, train_mirm, train_molar, train_sasrec
+        from stages import ingest, split, train_id, train_mirm, train_molar
 
         threads = torch.get_num_threads()  # --threads: the stages pin torch to the threads param
 
@@ -252,8 +254,9 @@ def embedded_default_throughput() -> dict:
             try:
                 params = Path(tmp) / "params.yaml"
                 params.write_text(THROUGHPUT_PARAMS.format(threads=threads, trainable="false"))
-                for stage in (ingest, split, train_mirm, train_sasrec):
+                for stage in (ingest, split, train_mirm):
                     stage.main(params)
+                train_id.main(params, model="sasrec")
                 for trainable in ("false", "true"):
                     params.write_text(THROUGHPUT_PARAMS.format(threads=threads, trainable=trainable))
                     train_molar.main(params)

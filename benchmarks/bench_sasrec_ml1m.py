@@ -44,7 +44,7 @@ def run_variant(params_path: Path, loss: str, threads: int, out_dir: Path) -> di
     from molar.data.ingest import ingest
     from molar.data.split import build_split
     from molar.evaluate import evaluate_scorer
-    from molar.models.sasrec import load_scorer, train_sasrec
+    from molar.recipes.id_models import load_scorer, train_id_model
 
     params = load_params(params_path)
     sasrec = params.sasrec.model_copy(update={"loss": loss})
@@ -59,12 +59,13 @@ def run_variant(params_path: Path, loss: str, threads: int, out_dir: Path) -> di
     data_seconds = time.perf_counter() - started
     print(f"[{loss}] data: {stats['users']:,} users, {n_items:,} items, {stats['rows_out']:,} interactions ({data_seconds:.1f}s)", flush=True)
 
-    model, result = train_sasrec(
+    model, result = train_id_model(
+        "sasrec",
+        sasrec,
         train,
         valid["history"].to_list(),
         valid["target"].to_list(),
         n_items,
-        sasrec,
         params.seed,
         state_dir=out_dir / "state",
         mask_history=params.eval.mask_history,

@@ -148,6 +148,10 @@ class IdModelParams(Section):
     checkpoint_every: int = Field(200, ge=1)
 
 
+# the models of molar/models/registry.py: each has its section here (its name) and in params.yaml
+IdModelName = Literal["sasrec"]
+
+
 class SasrecParams(IdModelParams):
     num_blocks: int = Field(2, ge=1)
     num_heads: int = Field(1, ge=1)
@@ -157,7 +161,7 @@ class SasrecParams(IdModelParams):
 class AlignParams(Section):
     alpha: float = Field(0.1, ge=0.0)
     tau: float = Field(0.1, gt=0.0)
-    id_model: Literal["sasrec"] = "sasrec"
+    id_model: IdModelName = "sasrec"
     project: bool = True
     train_id_model: bool = False
     positions: Literal["last", "all"] = "last"
@@ -195,7 +199,7 @@ class TrainParams(Section):
 
 
 # ----------------------------------------------------------------------------- eval
-ModelName = Literal["popularity", "sasrec", "molar"]  # what eval.models and ci.floors may name
+ModelName = Literal["popularity", IdModelName, "molar"]  # what eval.models and ci.floors may name
 
 
 class EvalParams(Section):

@@ -12,9 +12,9 @@ from stages import (
     sft_data,
     split,
     train_mirm,
+    train_id,
     train_molar,
     train_popularity,
-    train_sasrec,
 )
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ for name, module in (
     ("split", split),
     ("sft-data", sft_data),
     ("train-mirm", train_mirm),
-    ("train-sasrec", train_sasrec),
+    ("train-id", train_id),
     ("train-molar", train_molar),
     ("train-popularity", train_popularity),
     ("evaluate", evaluate),

@@ -40,29 +40,45 @@ def _popularity(split: SplitData, params: Params) -> ScorerFor:
     return lambda part: models[part].score
 
 
-def _sasrec(split: SplitData, params: Params) -> ScorerFor:
-    from molar.models.sasrec import load_scorer
+def _id_model(name: str) -> Callable[[SplitData, Params], ScorerFor]:
+    """The scorer of a registered ID model: its checkpoint in data/models/NAME/, one for both splits."""
 
-    score_fn = load_scorer(MODELS / "sasrec")
-    return lambda part: score_fn
+    def build(split: SplitData, params: Params) -> ScorerFor:
+        from molar.recipes.id_models import load_scorer
+
+        score_fn = load_scorer(MODELS / name)
+        return lambda part: score_fn
+
+    return build
 
 
 def _molar(split: SplitData, params: Params) -> ScorerFor:
-    from molar.models.molar import load_scorer
+    from molar.recipes.molar import load_scorer
 
     score_fn = load_scorer(MODELS / "molar")
     return lambda part: score_fn
 
 
-# eval.models name -> builder of its scorer; each model lives in one molar/models file.
+# eval.models name -> builder of its scorer; each model lives in one molar/models file. Every
+# ID model of molar/models/registry.py is scored the same way (scorer_builder): none is listed here.
 SCORERS: dict[str, Callable[[SplitData, Params], ScorerFor]] = {
     "popularity": _popularity,
-    "sasrec": _sasrec,
     "molar": _molar,
 }
 
 
-MODEL_OPTION = typer.Option(None, "--model", help=f"evaluate this model ({', '.join(SCORERS)}) into {BY_MODEL}/NAME/")
+def scorer_builder(name: str) -> Callable[[SplitData, Params], ScorerFor]:
+    """The scorer builder of eval.models name ``name``: one of SCORERS or an ID model of the registry."""
+    if name in SCORERS:
+        return SCORERS[name]
+    from molar.models.registry import ID_MODELS  # torch loads here, not at `molar --help`
+
+    if name not in ID_MODELS:
+        raise UserError(f"--model {name}: no scorer of that name; available: {', '.join([*SCORERS, *ID_MODELS])}")
+    return _id_model(name)
+
+
+MODEL_OPTION = typer.Option(None, "--model", help=f"evaluate this model ({', '.join(SCORERS)} or an ID model, e.g. sasrec) into {BY_MODEL}/NAME/")
 MERGE_OPTION = typer.Option(False, "--merge", help=f"merge {BY_MODEL}/NAME/ of the eval.models into {METRICS}/")
 
 
@@ -71,8 +87,8 @@ def main(params: Path = PARAMS_OPTION, model: Optional[str] = MODEL_OPTION, merg
     with user_errors():
         if (model is not None) == merge:  # both or neither
             raise UserError("give one of --model NAME (evaluate one model) or --merge (write metrics/eval.json)")
-        if model is not None and model not in SCORERS:
-            raise UserError(f"--model {model}: no scorer of that name; available: {', '.join(SCORERS)}")
+        if model is not None:
+            scorer_builder(model)  # an unknown name fails before any output is touched
     if merge:
         _merge(cfg)
     else:
@@ -90,7 +106,7 @@ def _evaluate(name: str, cfg: Params) -> None:
     torch.manual_seed(cfg.seed)
     with user_errors():
         split = load_split(PROCESSED)
-        scorer_for = SCORERS[name](split, cfg)
+        scorer_for = scorer_builder(name)(split, cfg)
     for part, targets in (("valid", split.valid), ("test", split.test)):
         metrics = evaluate_scorer(
             scorer_for(part),

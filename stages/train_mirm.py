@@ -30,7 +30,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
     # torch/transformers load here, not at import: `molar --help` stays fast
     from molar.backbones import DTYPES, load_backbone
     from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
-    from molar.models.mirm import backbone_corpus, finetune, input_report, make_encoder
+    from molar.models.mirm import backbone_corpus, input_report, make_encoder
+    from molar.recipes.mirm import finetune
     from molar.train import CHECKPOINT, process_state, run_defining, run_key
 
     cfg = read_params(params)

@@ -1,8 +1,9 @@
-"""Train Molar: DUEG over MIRM item embeddings, with BCE + align.alpha x InfoNCE post-alignment to SASRec.
+"""Train Molar: DUEG over MIRM item embeddings, with BCE + align.alpha x InfoNCE post-alignment to an ID model.
 
 Reads the split, MIRM (data/models/mirm/ and its catalog cache data/models/mirm-items.safetensors)
-and the frozen SASRec (data/models/sasrec/). train.mirm_trainable: false (default) trains DUEG on
-the cached item embeddings; true back-propagates into MIRM for the items of each batch. Selects the
+and the frozen ID model align.id_model (data/models/<align.id_model>/, e.g. SASRec).
+train.mirm_trainable: false (default) trains DUEG on the cached item embeddings; true
+back-propagates into MIRM for the items of each batch. Selects the
 epoch by validation NDCG@10 and saves data/models/molar/ (what `molar evaluate` and `molar
 recommend` load). Resumable: killed and rerun, it continues from data/state/train-molar/ (changed
 params, data or upstream models start fresh). Curves for `dvc plots show`:
@@ -23,7 +24,6 @@ from molar.io import METRICS, MODELS, PROCESSED, STATE, write_json
 from stages.common import PARAMS_OPTION, prepare_outputs, read_params, use_threads, user_errors
 
 MODEL_DIR = MODELS / "molar"
-SASREC_DIR = MODELS / "sasrec"
 STATE_DIR = STATE / "train-molar"
 CURVES = METRICS / "molar_train"
 EPOCHS_CSV, STEPS_CSV, SUMMARY = CURVES / "epochs.csv", CURVES / "steps.csv", CURVES / "summary.json"
@@ -46,7 +46,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
     from molar.models import molar as M
     from molar.models.dueg import decoder_of, user_embedding_of
     from molar.models.mirm import ItemEmbedder, backbone_corpus, item_texts, make_encoder
-    from molar.models.sasrec import SASRec
+    from molar.models.registry import load_id_model
+    from molar.recipes import molar as recipe
     from molar.train import CHECKPOINT, process_state, run_defining, run_key as make_run_key, sequences_fingerprint
     from stages.train_mirm import ITEM_EMBEDDINGS, MIRM_DIR
 
@@ -59,7 +60,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
     with user_errors():
         split = load_split(PROCESSED)
         items = pl.read_parquet(PROCESSED / "items.parquet").sort("item_idx")
-        sasrec = SASRec.from_pretrained(SASREC_DIR)
+        id_dir = MODELS / cfg.align.id_model
+        id_model = load_id_model(id_dir)
         if not (MIRM_DIR / "config.json").exists():
             raise MissingInputError(f"{MIRM_DIR}: no MIRM checkpoint; run `molar train-mirm` first")
         load = dict(modalities=mirm.modalities, image_min_pixels=mirm.image_min_pixels,
@@ -98,10 +100,10 @@ def main(params: Path = PARAMS_OPTION) -> None:
         if cfg.dueg.init == "base":
             del source
 
-        model = M.build_model(decoder, item_side, cfg, id_dim=int(sasrec.config.hidden_size), user_embedding=user_embedding)
+        model = M.build_model(decoder, item_side, cfg, id_dim=int(id_model.item_embeddings().shape[1]), user_embedding=user_embedding)
         run_key = make_run_key(
             "molar", run_defining(cfg.section_dict("train")), cfg.section_dict("align"), cfg.section_dict("dueg"), cfg.seed,
-            cfg.eval.mask_history, make_run_key(table), dueg_key, mirm_key, checkpoint_key(SASREC_DIR),
+            cfg.eval.mask_history, make_run_key(table), dueg_key, mirm_key, checkpoint_key(id_dir),
             sequences_fingerprint(split.train), sequences_fingerprint(split.valid.histories), split.valid.targets,
         )
 
@@ -112,8 +114,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
 
         result_history: list[dict] = []
         # a CollapseError (a UserError: these params collapsed the embeddings) ends here with its advice
-        result, step_log = M.train_molar(
-            model, split.train, split.valid.histories, split.valid.targets, cfg, sasrec,
+        result, step_log = recipe.train_molar(
+            model, split.train, split.valid.histories, split.valid.targets, cfg, id_model,
             state_dir=STATE_DIR, run_key=run_key, mask_history=cfg.eval.mask_history,
             eval_chunk_size=cfg.eval.user_chunk_size, on_epoch_end=on_epoch_end,
         )
@@ -124,7 +126,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
     extra = {"mirm_trainable": t.mirm_trainable, "dueg_init": cfg.dueg.init, "backbone": mirm.backbone, "run_key": run_key}
     model.save_pretrained(MODEL_DIR, extra=extra)
     if cfg.align.train_id_model:
-        model.id_model.save_pretrained(MODEL_DIR / "id_model")  # the co-trained SASRec, beside DUEG
+        model.id_model.save_pretrained(MODEL_DIR / "id_model")  # the co-trained ID model, beside DUEG
     M.rows_to_csv(epoch_rows(result.history), EPOCHS_CSV)
     M.rows_to_csv(step_log.rows(), STEPS_CSV)
     best = next(r for r in result.history if r["epoch"] == result.best_epoch)

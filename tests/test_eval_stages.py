@@ -45,9 +45,9 @@ def _pipeline(work: Path, models: list[str], monkeypatch) -> tuple[dict[str, set
 def test_id_models_only_need_no_llm_stage(tmp_path, monkeypatch):
     upstream, ran = _pipeline(tmp_path, ["popularity", "sasrec"], monkeypatch)
     assert "evaluate-model@molar" not in upstream
-    assert {"evaluate-model@popularity", "evaluate-model@sasrec", "train-popularity", "train-sasrec"} <= upstream["evaluate"]
+    assert {"evaluate-model@popularity", "evaluate-model@sasrec", "train-popularity", "train-id@sasrec"} <= upstream["evaluate"]
     assert not upstream["evaluate"] & LLM_STAGES, upstream["evaluate"]
-    assert set(ran) == {"ingest", "split", "train-popularity", "train-sasrec", "evaluate-model@popularity", "evaluate-model@sasrec", "evaluate"}
+    assert set(ran) == {"ingest", "split", "train-popularity", "train-id@sasrec", "evaluate-model@popularity", "evaluate-model@sasrec", "evaluate"}
     assert ran[-1] == "evaluate"
 
 

@@ -21,11 +21,11 @@ from molar.models.mirm import (
     backbone_corpus,
     cur_item_states,
     embed_items,
-    finetune,
     input_report,
     sft_loss,
     water_fill,
 )
+from molar.recipes.mirm import finetune
 from molar.sft import IMAGE_MARKER
 
 TEMPLATE = DEFAULT_PROMPTS["default"]

@@ -7,16 +7,9 @@ import torch
 from dvc.utils.hydra import apply_overrides
 
 from molar.config import SasrecParams
-from molar.models.sasrec import (
-    SASRec,
-    SasrecConfig,
-    SequentialRecommender,
-    NextItemBatches,
-    encode_users,
-    left_pad,
-    load_scorer,
-    train_sasrec,
-)
+from molar.models.id_model import SequentialRecommender, left_pad
+from molar.models.sasrec import SASRec, SasrecConfig
+from molar.recipes.id_models import NextItemBatches, encode_users, load_scorer, train_id_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +90,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert not loaded.training
     histories = [[1, 2, 3], [4, 5]]
     assert torch.equal(loaded.score(histories), model.score(histories))
-    with pytest.raises(FileNotFoundError, match="train-sasrec"):
+    with pytest.raises(FileNotFoundError, match="train-id --model missing"):
         SASRec.from_pretrained(tmp_path / "missing")
 
 
@@ -153,7 +146,7 @@ def test_training_learns_a_sequential_pattern(tmp_path):
 
     train, histories, targets = _cycle_data()
     params = SasrecParams(hidden_size=16, num_blocks=1, num_heads=1, dropout=0.0, max_length=8, lr=1e-2, batch_size=16, epochs=15, patience=15)
-    model, result = train_sasrec(train, histories, targets, 20, params, seed=0, state_dir=tmp_path / "state")
+    model, result = train_id_model("sasrec", params, train, histories, targets, 20, seed=0, state_dir=tmp_path / "state")
     assert result.best_metric > 0.9  # the next item of a cycle is the top recommendation
     assert len(result.history) == 15 and "valid_ndcg@10" in result.history[0]
     metrics = evaluate_scorer(load_scorer(model), histories, targets, 20, ks=[10], progress=False)
@@ -166,16 +159,16 @@ def test_sampled_losses_learn_too(tmp_path, loss):
     params = SasrecParams(
         hidden_size=16, num_blocks=1, dropout=0.0, max_length=8, lr=1e-2, batch_size=16, epochs=15, loss=loss, num_negatives=5
     )
-    _, result = train_sasrec(train, histories, targets, 20, params, seed=0, state_dir=tmp_path / "state")
+    _, result = train_id_model("sasrec", params, train, histories, targets, 20, seed=0, state_dir=tmp_path / "state")
     assert result.best_metric > 0.5
 
 
 def test_stage_is_deterministic_on_the_embedded_default(tmp_path, monkeypatch):
-    """Same seed and `threads`, CPU: the whole ingest -> split -> train-sasrec path gives identical
+    """Same seed and `threads`, CPU: the whole ingest -> split -> train-id --model sasrec path gives identical
     results, whatever thread count the process started with (results hold for one count only)."""
     from molar.data.split import load_split
     from molar.evaluate import evaluate_scorer
-    from stages import ingest, split, train_sasrec as stage
+    from stages import ingest, split, train_id as stage
 
     runs = []
     started_with = torch.get_num_threads()
@@ -193,7 +186,7 @@ def test_stage_is_deterministic_on_the_embedded_default(tmp_path, monkeypatch):
             shutil.copytree(tmp_path / "a" / "data" / "processed", work / "data" / "processed")
         torch.set_num_threads(environment_threads)  # as OMP_NUM_THREADS or the core count would
         try:
-            stage.main(Path("params.yaml"))
+            stage.main(Path("params.yaml"), model="sasrec")
         finally:
             torch.set_num_threads(started_with)
         data = load_split(Path("data/processed"))

@@ -42,16 +42,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory: pytest.TempPathFactory):
-    """ingest -> split -> train-mirm (no fine-tune) -> train-sasrec -> train-molar in a scratch directory."""
-    from stages import ingest, split, train_mirm, train_molar, train_sasrec
+    """ingest -> split -> train-mirm (no fine-tune) -> train-id --model sasrec -> train-molar in a scratch directory."""
+    from stages import ingest, split, train_id, train_mirm, train_molar
 
     work = tmp_path_factory.mktemp("molar")
     mp = pytest.MonkeyPatch()
     mp.chdir(work)
     params = work / "params.yaml"
     params.write_text(PARAMS)
-    for stage in (ingest, split, train_mirm, train_sasrec):
+    for stage in (ingest, split, train_mirm):
         stage.main(params)
+    train_id.main(params, model="sasrec")
     train_molar.main(params)
     yield work, params
     mp.undo()
@@ -74,7 +75,7 @@ def test_training_lowers_the_loss_and_logs_both_terms(stage_run) -> None:
 def test_checkpoint_scores_the_catalog_for_the_evaluator(stage_run) -> None:
     from molar.data.split import load_split
     from molar.evaluate import evaluate_scorer
-    from molar.models.molar import load_scorer
+    from molar.recipes.molar import load_scorer
 
     work, _ = stage_run
     split = load_split(work / "data/processed")
@@ -159,7 +160,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_log(stage_run, monkeypa
 
 @pytest.mark.slow
 def test_two_process_training_shards_batches_and_keeps_weights_in_sync(stage_run, tmp_path) -> None:
-    """train-sasrec and train-molar under torchrun (2 CPU processes, gloo, DDP): each process takes
+    """train-id --model sasrec and train-molar under torchrun (2 CPU processes, gloo, DDP): each process takes
     half of an epoch's batches, the gradients are averaged (one set of weights: both processes
     validate to the same metrics), and only the main process writes the outputs."""
     import os
@@ -173,15 +174,15 @@ def test_two_process_training_shards_batches_and_keeps_weights_in_sync(stage_run
     (tmp_path / "params.yaml").write_text(params)
     script = tmp_path / "run_stages.py"
     script.write_text(  # each process also records the history its own fit returned
-        "import json, os\nfrom pathlib import Path\nfrom molar.models import molar as M\n"
-        "from stages import train_molar, train_sasrec\n"
+        "import json, os\nfrom pathlib import Path\nfrom molar.recipes import molar as M\n"
+        "from stages import train_id, train_molar\n"
         "fit_molar = M.train_molar\n"
         "def recording(*args, **kwargs):\n"
         "    result, log = fit_molar(*args, **kwargs)\n"
         "    Path(f\"history-{os.environ['RANK']}.json\").write_text(json.dumps(result.history))\n"
         "    return result, log\n"
         "M.train_molar = recording\n"
-        "train_sasrec.main(Path('params.yaml'))\ntrain_molar.main(Path('params.yaml'))\n"
+        "train_id.main(Path('params.yaml'), model='sasrec')\ntrain_molar.main(Path('params.yaml'))\n"
     )
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",

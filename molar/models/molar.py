@@ -22,7 +22,8 @@ negatives uniform over the catalog minus the positive, and ``L_align`` the symme
 vectors of the same histories. With alpha = 0 the alignment term is computed for the log only,
 under no_grad, so the gradient is exactly the BCE one. Every step logs both terms, the
 embedding spreads and the fraction of live negatives; ``CollapseError`` stops training when the
-user or item embeddings collapse (HLLM's failure, DESIGN.md section 5).
+user or item embeddings collapse (HLLM's failure, DESIGN.md section 5). The recipe that trains it
+(``train_molar``) and its frozen scorer (``load_scorer``) are molar/recipes/molar.py.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from torch import nn
 
 from molar import losses
 from molar.errors import MissingInputError, UserError
-from molar.evaluate import frozen_scorer
 from molar.io import atomic_path
 from molar.models.dueg import Dueg
+from molar.models.id_model import left_pad  # the ID models' layout, so both models read one batch
 
 CONFIG_FILE = "molar.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,16 +60,6 @@ class CollapseError(UserError):
 
 
 # ------------------------------------------------------------------------------ helpers
-def left_pad(histories: Sequence[Sequence[int]], max_length: int) -> torch.Tensor:
-    """[B, L] item ids: each history's last ``max_length`` items, right-aligned, 0 on the left.
-
-    The same layout as SASRec's (molar/models/sasrec.py), so both models read one batch.
-    """
-    from molar.models.sasrec import left_pad as sasrec_left_pad
-
-    return sasrec_left_pad(histories, max_length)
-
-
 def spread(vectors: torch.Tensor) -> float:
     """Mean per-dimension standard deviation of the L2-normalised rows (0 = all rows point one way).
 
@@ -314,15 +305,6 @@ def align_head_for(hidden_size: int, id_dim: int | None, project: bool) -> nn.Mo
     return nn.Linear(hidden_size, id_dim, bias=False)
 
 
-def load_scorer(model_or_dir: MolarModel | str | Path, device: str | torch.device | None = None) -> Callable[[list[list[int]]], torch.Tensor]:
-    """``score_fn(histories) -> [B, n_items + 1]`` for ``molar.evaluate.evaluate_scorer`` (eval mode, no grad)."""
-    model = model_or_dir if isinstance(model_or_dir, MolarModel) else MolarModel.from_pretrained(model_or_dir, device or "cpu")
-    if device is not None:
-        model = model.to(device)
-
-    return frozen_scorer(model)
-
-
 # ---------------------------------------------------------------------------- objective
 @dataclass(frozen=True)
 class ObjectiveSettings:
@@ -468,7 +450,7 @@ class MolarObjective:
 class MolarBatches:
     """Epoch ``e``'s batches as dicts for ``fit``: SASRec's next-item pairs + a global step index.
 
-    ``pairs(epoch)`` yields ``(inputs, targets)`` (e.g. ``molar.models.sasrec.NextItemBatches``);
+    ``pairs(epoch)`` yields ``(inputs, targets)`` (e.g. ``molar.recipes.id_models.NextItemBatches``);
     the step index (epoch * batches_per_epoch + i) keys the per-step log so that a resumed run
     overwrites, rather than duplicates, the steps it replays.
     """
@@ -526,97 +508,3 @@ def rows_to_csv(rows: list[dict], path: str | Path) -> None:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-
-
-# ---------------------------------------------------------------------------- training
-def _checkpoint_activations(module: nn.Module) -> None:
-    """Recompute a transformers model's layer activations in the backward pass (``train.gradient_checkpointing``)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def train_molar(
-    model: MolarModel,
-    train: Sequence[Sequence[int]],
-    valid_histories: Sequence[Sequence[int]],
-    valid_targets: Sequence[int],
-    params,  # molar.config.Params (train, align, sasrec sections are read)
-    id_model: nn.Module | None,
-    state_dir: str | Path,
-    run_key: str,
-    mask_history: bool = True,
-    eval_chunk_size: int = 1024,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
-    desc: str = "molar",
-):
-    """Train DUEG (+ MIRM end to end, + the alignment head) with ``L_bce + alpha * L_align``.
-
-    Resumable through ``molar.train.fit`` (state in ``state_dir``, keyed by ``run_key``, which
-    must cover everything that defines the run); selects the epoch by validation NDCG@10.
-    Returns ``(FitResult, StepLog)`` (the log is None on all but the main process of a
-    multi-process run); the model is left holding the selected weights with its catalog item
-    table refreshed.
-    """
-    from molar.evaluate import evaluate_scorer
-    from molar.models.sasrec import NextItemBatches
-    from molar.train import LoopSettings, fit, process_state
-
-    t, a = params.train, params.align
-    if a.train_id_model and id_model is None:
-        raise ValueError("align.train_id_model: true needs the ID model (data/models/sasrec)")
-    if a.alpha == 0:
-        # the head gets no gradient: frozen, so a multi-process (DDP) run has no unused parameter
-        model.align_head.requires_grad_(False)
-    if t.gradient_checkpointing:
-        # non-reentrant checkpointing works with inputs_embeds that need no gradient
-        _checkpoint_activations(model.dueg.decoder)
-        if isinstance(model.items, MirmItems):
-            _checkpoint_activations(getattr(model.items.mirm, "model", model.items.mirm))
-
-    process = process_state()
-    pairs = NextItemBatches(train, t.max_length, t.batch_size, params.seed, process.process_index, process.num_processes)
-    batches = MolarBatches(pairs, len(pairs))
-    step_log = StepLog(state_dir, run_key) if process.is_main_process else None  # one writer
-    id_loss = None
-    if a.train_id_model:
-        model.id_model = id_model.train().requires_grad_(True)  # a submodule: optimised and checkpointed
-        s = params.sasrec
-
-        def id_loss(hidden: torch.Tensor, targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-            return losses.next_item_loss(s.loss, hidden, targets, items, s.num_negatives)
-
-    objective = MolarObjective(
-        ObjectiveSettings(
-            n_items=model.config.n_items,
-            loss=t.loss,
-            num_negatives=t.num_negatives,
-            all_positions=t.all_positions,
-            alpha=a.alpha,
-            tau=a.tau,
-            align_positions=a.positions,
-            collapse_std=t.collapse_std,
-        ),
-        id_model=id_model,
-        on_step=step_log.append if step_log is not None else None,
-        co_train=a.train_id_model,
-        id_loss=id_loss,
-    )
-
-    def validate(m: MolarModel) -> dict[str, float]:
-        m.items.refresh()
-        return evaluate_scorer(
-            load_scorer(m), list(valid_histories), list(valid_targets), m.config.n_items,
-            ks=(10,), mask_history=mask_history, chunk_size=eval_chunk_size, progress=False,
-        )
-
-    settings = LoopSettings.from_section(t, params.seed)
-    result = fit(
-        model, settings, batches, len(batches), objective, state_dir=state_dir, run_key=run_key,
-        validate=validate, select_metric="ndcg@10", on_epoch_end=on_epoch_end, desc=desc,
-    )
-    if a.train_id_model:
-        model.id_model.eval()
-    return result, step_log

@@ -1,8 +1,10 @@
-"""Train SASRec on the training split, pick the epoch by validation NDCG@10, save data/models/sasrec/.
+"""Train the ID model --model NAME (sasrec, ...) on the training split, pick the epoch by validation NDCG@10, save data/models/NAME/.
 
-Resumable: killed at any point and rerun, it continues from data/state/train-sasrec/ (a changed
-sasrec.*, seed or data starts fresh). Writes the training curve (metrics/sasrec_train.csv: loss
-and validation metrics per epoch, for `dvc plots show`) and a summary (metrics/sasrec_train.json).
+Any model of molar/models/registry.py, built from its params section (NAME.*) and trained by the
+next-item recipe (molar/recipes/id_models.py). Resumable: killed at any point and rerun, it
+continues from data/state/train-NAME/ (a changed NAME.*, seed or data starts fresh). Writes the
+training curve (metrics/NAME_train.csv: loss and validation metrics per epoch, for `dvc plots
+show`) and a summary (metrics/NAME_train.json).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import typer
 from molar.io import METRICS, MODELS, PROCESSED, STATE, atomic_path, write_json
 from stages.common import PARAMS_OPTION, prepare_outputs, read_params, use_threads, user_errors
 
-MODEL_DIR = MODELS / "sasrec"
-STATE_DIR = STATE / "train-sasrec"
-CURVE = METRICS / "sasrec_train.csv"
-SUMMARY = METRICS / "sasrec_train.json"
 CURVE_COLUMNS = ("epoch", "loss", "valid_ndcg@10", "valid_recall@10", "lr", "seconds")
 
 
-def write_curve(history: list[dict], path: Path = CURVE) -> None:
+def outputs(name: str) -> tuple[Path, Path, Path, Path]:
+    """(model folder, resumable state folder, curve, summary) of ID model ``name``."""
+    return MODELS / name, STATE / f"train-{name}", METRICS / f"{name}_train.csv", METRICS / f"{name}_train.json"
+
+
+def write_curve(history: list[dict], path: Path) -> None:
     """One row per epoch; validation columns are empty for epochs that were not validated."""
     rows = [",".join(CURVE_COLUMNS)]
     for record in history:
@@ -34,28 +37,37 @@ def write_curve(history: list[dict], path: Path = CURVE) -> None:
         tmp.write_text("\n".join(rows) + "\n")
 
 
-def main(params: Path = PARAMS_OPTION) -> None:
+MODEL_OPTION = typer.Option(..., "--model", help="the ID model to train (a name of molar/models/registry.py, e.g. sasrec)")
+
+
+def main(params: Path = PARAMS_OPTION, model: str = MODEL_OPTION) -> None:
     import torch
 
     from molar.data.split import load_split
-    from molar.models.sasrec import train_sasrec
+    from molar.models.registry import id_model_class
+    from molar.recipes.id_models import train_id_model
     from molar.train import CHECKPOINT, process_state
 
     cfg = read_params(params)
-    prepare_outputs(MODEL_DIR, STATE_DIR / CHECKPOINT, CURVE, SUMMARY)
+    with user_errors():
+        id_model_class(model)  # an unknown name fails before any output is touched
+    model_dir, state_dir, curve, summary = outputs(model)
+    prepare_outputs(model_dir, state_dir / CHECKPOINT, curve, summary)
+    section = getattr(cfg, model)
     threads = use_threads(cfg)
     with user_errors():
         split = load_split(PROCESSED)
     torch.manual_seed(cfg.seed)
     with user_errors():
-        model, result = train_sasrec(
+        trained, result = train_id_model(
+            model,
+            section,
             split.train,
             split.valid.histories,
             split.valid.targets,
             split.n_items,
-            cfg.sasrec,
             cfg.seed,
-            state_dir=STATE_DIR,
+            state_dir=state_dir,
             mask_history=cfg.eval.mask_history,
             eval_chunk_size=cfg.eval.user_chunk_size,
         )
@@ -63,8 +75,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
     if not process.is_main_process:  # a multi-process run: one process writes the outputs
         process.wait_for_everyone()  # returns once they are written
         return
-    model.save_pretrained(MODEL_DIR)
-    write_curve(result.history)
+    trained.save_pretrained(model_dir)
+    write_curve(result.history, curve)
     best = next(r for r in result.history if r["epoch"] == result.best_epoch)
     write_json(
         {
@@ -77,10 +89,10 @@ def main(params: Path = PARAMS_OPTION) -> None:
             "valid_recall@10": round(best["valid_recall@10"], 6),
             "threads": threads,  # results are bit-identical for one thread count only
         },
-        SUMMARY,
+        summary,
     )
     typer.echo(
-        f"train-sasrec: best epoch {result.best_epoch}/{len(result.history)} "
-        f"(valid NDCG@10 {result.best_metric:.4f}, {cfg.sasrec.loss} loss) -> {MODEL_DIR}/"
+        f"train-id {model}: best epoch {result.best_epoch}/{len(result.history)} "
+        f"(valid NDCG@10 {result.best_metric:.4f}, {section.loss} loss) -> {model_dir}/"
     )
     process.wait_for_everyone()  # a later stage in the same launch reads the outputs

@@ -1,0 +1,105 @@
+"""The interface every ID-based sequential recommender implements, and its checkpoint format.
+
+An ID model reads left-padded item-id histories [B, L] (0 = padding, the last column the most
+recent item) and gives a user vector after every position (``encode``); items are scored by a
+dot product with its output item vectors (``item_embeddings``). That is all the evaluator, the
+next-item training recipe (molar/recipes/id_models.py) and Molar's alignment need to know.
+
+A checkpoint is a folder: ``config.json`` (``{"model": <registry name>, **config}``) +
+``model.safetensors``. ``molar.models.registry.load_id_model`` reads the name and dispatches.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from molar.errors import MissingInputError, UserError
+from molar.io import atomic_path
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def left_pad(histories: Sequence[Sequence[int]], max_length: int) -> torch.LongTensor:
+    """[B, L] item ids: each history's last ``max_length`` items, right-aligned, 0 on the left.
+
+    L is the longest (truncated) history in the batch, at least 1.
+    """
+    width = max(1, min(max_length, max((len(h) for h in histories), default=1)))
+    out = np.zeros((len(histories), width), dtype=np.int64)
+    for row, h in enumerate(histories):
+        tail = list(h)[-width:]
+        if tail:
+            out[row, width - len(tail) :] = tail
+    return torch.from_numpy(out)
+
+
+class SequentialRecommender(nn.Module, abc.ABC):
+    """An ID-based next-item model: user vectors at every position, scored by item dot products."""
+
+    max_length: int
+    n_items: int
+
+    @abc.abstractmethod
+    def encode(self, padded: torch.Tensor) -> torch.Tensor:
+        """Left-padded histories [B, L] (0 = padding) -> user vectors after each position [B, L, d]."""
+
+    @abc.abstractmethod
+    def item_embeddings(self) -> torch.Tensor:
+        """Output item vectors [n_items + 1, d]; row 0 is padding and is never a recommendation."""
+
+    def forward(self, padded: torch.Tensor) -> torch.Tensor:
+        """``encode``: going through ``__call__`` keeps hooks and DDP wrappers working."""
+        return self.encode(padded)
+
+    def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The user vector after each history's most recent item [B, d]."""
+        padded = left_pad(histories, self.max_length).to(self.item_embeddings().device)
+        return self.encode(padded)[:, -1]
+
+    def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Scores of every item for each history [B, n_items + 1] (column 0 = padding)."""
+        return self.user_vectors(histories) @ self.item_embeddings().T
+
+
+# ------------------------------------------------------------------------- checkpoints
+def write_checkpoint(directory: str | Path, name: str, config: dict, model: nn.Module) -> None:
+    """``config.json`` ({"model": name, **config}) + ``model.safetensors`` into ``directory``, atomically as a whole."""
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        (tmp / CONFIG_FILE).write_text(json.dumps({"model": name, **config}, indent=2) + "\n")
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+
+
+def checkpoint_name(directory: str | Path) -> str:
+    """The registry name a checkpoint folder was written under (its config.json "model")."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.exists() or not weights_path.exists():
+        raise MissingInputError(
+            f"{directory}: no ID-model checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE}); "
+            f"run `molar train-id --model {directory.name}` first"
+        )
+    name = json.loads(config_path.read_text()).get("model")
+    if not isinstance(name, str):
+        raise UserError(f"{config_path}: no \"model\" name; rerun `molar train-id --model {directory.name}`")
+    return name
+
+
+def read_checkpoint(directory: str | Path, name: str, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """(config without "model", state dict) of a checkpoint written by ``write_checkpoint`` under ``name``."""
+    directory = Path(directory)
+    found = checkpoint_name(directory)
+    if found != name:
+        raise UserError(f"{directory / CONFIG_FILE}: a {found} checkpoint, not {name}")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    del config["model"]
+    return config, load_file(str(directory / WEIGHTS_FILE), device=str(device))

@@ -1,0 +1,73 @@
+"""The ID-model registry: checkpoints load through the name in their config.json, unknown names
+and missing checkpoints are user errors naming the stage to run, and model files stay free of
+training code (molar/train.py, molar/evaluate.py belong to the recipes)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from molar.errors import UserError
+from molar.models import mirm, molar
+from molar.models.registry import ID_MODELS, load_id_model
+from molar.models.sasrec import SASRec, SasrecConfig
+from stages import app
+
+MIRM_FILE, MOLAR_FILE = Path(mirm.__file__), Path(molar.__file__)
+
+
+def _sasrec(tmp_path: Path) -> tuple[SASRec, Path]:
+    torch.manual_seed(0)
+    model = SASRec(SasrecConfig(n_items=7, hidden_size=4, num_blocks=1, max_length=5)).eval()
+    model.save_pretrained(tmp_path / "sasrec")
+    return model, tmp_path / "sasrec"
+
+
+def test_load_id_model_dispatches_on_the_saved_name(tmp_path):
+    model, directory = _sasrec(tmp_path)
+    loaded = load_id_model(directory)
+    assert type(loaded) is SASRec and not loaded.training
+    assert torch.equal(loaded.score([[1, 2], [3]]), model.score([[1, 2], [3]]))
+
+
+def test_an_unknown_model_name_is_a_user_error_naming_the_registry(tmp_path):
+    _, directory = _sasrec(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model": "nope"}))
+    with pytest.raises(UserError, match=r"config\.json: 'nope' is not an ID model; registered: sasrec"):
+        load_id_model(directory)
+    with pytest.raises(UserError, match="a nope checkpoint, not sasrec"):
+        SASRec.from_pretrained(directory)
+
+
+def test_a_missing_checkpoint_names_the_stage_that_writes_it(tmp_path):
+    with pytest.raises(UserError, match=r"gru4rec: no ID-model checkpoint .*run `molar train-id --model gru4rec`"):
+        load_id_model(tmp_path / "gru4rec")
+
+
+def test_train_id_rejects_an_unknown_model_before_touching_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    result = CliRunner().invoke(app, ["train-id", "--model", "nope"])
+    assert result.exit_code == 2 and "'nope' is not an ID model" in result.output
+    assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()
+
+
+MODEL_FILES = sorted({Path(inspect.getfile(cls)) for cls in ID_MODELS.values()} | {MIRM_FILE, MOLAR_FILE})
+
+
+@pytest.mark.parametrize("source", MODEL_FILES, ids=lambda p: p.name)
+def test_model_files_import_no_training_code(source):
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert not imported & {"molar.train", "molar.evaluate"}, f"{source}: training code belongs in molar/recipes/"
