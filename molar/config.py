@@ -157,6 +157,16 @@ class SasrecParams(IdModelParams):
     num_heads: int = Field(1, ge=1)
 
 
+class FpmcParams(IdModelParams):
+    """FPMC adds no architecture key; only two shared defaults differ (RecBole's FPMC.yaml)."""
+
+    # the user and item vectors are two concatenated factors (molar/models/fpmc.py), so the width
+    # is even; 128 = 2 x RecBole's embedding_size 64, one factor per half
+    hidden_size: int = Field(128, ge=2, multiple_of=2)
+    # RecBole's FPMC has no dropout
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
 # ---------------------------------------------------------------------------- align
 class AlignParams(Section):
     alpha: float = Field(0.1, ge=0.0)
@@ -273,6 +283,7 @@ class Params(Section):
     sft: SftParams = SftParams()
     mirm: MirmParams = MirmParams()
     sasrec: SasrecParams = SasrecParams()
+    fpmc: FpmcParams = FpmcParams()
     align: AlignParams = AlignParams()
     dueg: DuegParams = DuegParams()
     train: TrainParams = TrainParams()
