@@ -153,6 +153,16 @@ class SasrecParams(IdModelParams):
     num_heads: int = Field(1, ge=1)
 
 
+class Gru4recParams(IdModelParams):
+    """GRU4Rec's architecture, defaults from RecBole's GRU4Rec config (its training keys follow the
+    shared next-item recipe, tuned for this project's data, not RecBole's)."""
+
+    embedding_size: int = Field(64, ge=1)  # item embedding = user vector width (RecBole: embedding_size 64)
+    hidden_size: int = Field(128, ge=1)  # GRU width (RecBole: hidden_size 128)
+    num_layers: int = Field(1, ge=1)  # stacked GRU layers (RecBole: num_layers 1)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)  # on the item embeddings (RecBole: dropout_prob 0.3)
+
+
 # ---------------------------------------------------------------------------- align
 class AlignParams(Section):
     alpha: float = Field(0.1, ge=0.0)
@@ -269,6 +279,7 @@ class Params(Section):
     sft: SftParams = SftParams()
     mirm: MirmParams = MirmParams()
     sasrec: SasrecParams = SasrecParams()
+    gru4rec: Gru4recParams = Gru4recParams()
     align: AlignParams = AlignParams()
     dueg: DuegParams = DuegParams()
     train: TrainParams = TrainParams()
