@@ -149,7 +149,7 @@ class IdModelParams(Section):
 
 
 # the models of molar/models/registry.py: each has its section here (its name) and in params.yaml
-IdModelName = Literal["sasrec"]
+IdModelName = Literal["sasrec", "fpmc", "gru4rec"]
 
 
 class SasrecParams(IdModelParams):
@@ -165,6 +165,16 @@ class FpmcParams(IdModelParams):
     hidden_size: int = Field(128, ge=2, multiple_of=2)
     # RecBole's FPMC has no dropout
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class Gru4recParams(IdModelParams):
+    """GRU4Rec's architecture, defaults from RecBole's GRU4Rec config (its training keys follow the
+    shared next-item recipe, tuned for this project's data, not RecBole's)."""
+
+    embedding_size: int = Field(64, ge=1)  # item embedding = user vector width (RecBole: embedding_size 64)
+    hidden_size: int = Field(128, ge=1)  # GRU width (RecBole: hidden_size 128)
+    num_layers: int = Field(1, ge=1)  # stacked GRU layers (RecBole: num_layers 1)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)  # on the item embeddings (RecBole: dropout_prob 0.3)
 
 
 # ---------------------------------------------------------------------------- align
@@ -216,7 +226,7 @@ class EvalParams(Section):
     ks: list[int] = [10, 20, 50]
     mask_history: bool = True
     user_chunk_size: int = Field(1024, ge=1)
-    models: list[ModelName] = ["popularity", "sasrec", "molar"]
+    models: list[ModelName] = ["popularity", "fpmc", "gru4rec", "sasrec", "molar"]
 
     @field_validator("ks")
     @classmethod
@@ -284,6 +294,7 @@ class Params(Section):
     mirm: MirmParams = MirmParams()
     sasrec: SasrecParams = SasrecParams()
     fpmc: FpmcParams = FpmcParams()
+    gru4rec: Gru4recParams = Gru4recParams()
     align: AlignParams = AlignParams()
     dueg: DuegParams = DuegParams()
     train: TrainParams = TrainParams()

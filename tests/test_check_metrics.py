@@ -94,7 +94,7 @@ def test_floors_of_models_or_metrics_not_in_the_file_are_skipped():
         ("sasrec: {}", "needs over"),
         ("sasrec: {factor: 2.0}", "factor needs over"),
         ("sasrec: {over: sasrec}", "over itself"),
-        ("fpmc: {min: 0.1}", "'popularity', 'sasrec' or 'molar'"),
+        ("bert4rec: {min: 0.1}", "Input should be 'popularity'"),
         ("sasrec: {over: popularity, factor: 0}", "greater than 0"),
         ("sasrec: {min: 1.5}", "less than or equal to 1"),
     ],

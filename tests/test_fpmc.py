@@ -8,7 +8,7 @@ from molar import losses
 from molar.config import FpmcParams, ParamsError, parse_params
 from molar.errors import UserError
 from molar.models.fpmc import FPMC, FpmcConfig
-from molar.models.sasrec import SequentialRecommender, left_pad
+from molar.models.id_model import SequentialRecommender, left_pad
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -93,12 +93,12 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_loading_a_missing_or_foreign_checkpoint_is_a_user_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no FPMC checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no ID-model checkpoint"):
         FPMC.from_pretrained(tmp_path / "missing")
     _model().save_pretrained(tmp_path / "other")
     config_path = tmp_path / "other" / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model": "sasrec"}))
-    with pytest.raises(UserError, match="not an FPMC checkpoint"):
+    with pytest.raises(UserError, match="a sasrec checkpoint, not fpmc"):
         FPMC.from_pretrained(tmp_path / "other")
 
 

@@ -19,17 +19,16 @@ padding (zero, never trained, never recommended).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from molar.errors import MissingInputError, UserError
-from molar.io import atomic_path
-from molar.models.sasrec import CONFIG_FILE, WEIGHTS_FILE, SequentialRecommender
+from molar.errors import UserError
+from molar.models.id_model import SequentialRecommender, read_checkpoint, write_checkpoint
+
+NAME = "fpmc"  # its registry name, its params.yaml section and its checkpoints' "model"
 
 
 @dataclass(frozen=True)
@@ -87,20 +86,11 @@ class FPMC(SequentialRecommender):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (atomically, as a whole)."""
-        with atomic_path(directory) as tmp:
-            tmp.mkdir()
-            (tmp / CONFIG_FILE).write_text(json.dumps({"model": "fpmc", **asdict(self.config)}, indent=2) + "\n")
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        write_checkpoint(directory, NAME, asdict(self.config), self)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "FPMC":
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        if not config_path.exists() or not weights_path.exists():
-            raise MissingInputError(f"{directory}: no FPMC checkpoint ({CONFIG_FILE} + {WEIGHTS_FILE}); train FPMC first")
-        raw = json.loads(config_path.read_text())
-        if raw.pop("model", None) != "fpmc":
-            raise UserError(f"{config_path}: not an FPMC checkpoint (its \"model\" is not \"fpmc\")")
-        model = cls(FpmcConfig(**raw))
-        model.load_state_dict(load_file(str(weights_path), device=str(device)))
+        config, weights = read_checkpoint(directory, NAME, device)
+        model = cls(FpmcConfig(**config))
+        model.load_state_dict(weights)
         return model.to(device).eval()
