@@ -259,6 +259,8 @@ class CiParams(Section):
 
     metrics: list[str] = ["ndcg@10"]
     floors: dict[ModelName, Floor] = {
+        "fpmc": Floor(over="popularity", factor=2.0),
+        "gru4rec": Floor(over="popularity", factor=2.0),
         "sasrec": Floor(over="popularity", factor=2.0),
         "molar": Floor(over="popularity", factor=1.5),
     }
