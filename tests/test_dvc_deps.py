@@ -13,7 +13,6 @@ import ast
 import shlex
 from pathlib import Path
 
-import pytest
 from dvc_project import dvc_stages  # tests/dvc_project.py
 
 REPO = Path(__file__).resolve().parents[1]

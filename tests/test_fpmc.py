@@ -92,16 +92,6 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded.score(histories), model.score(histories))
 
 
-def test_loading_a_missing_or_foreign_checkpoint_is_a_user_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no ID-model checkpoint"):
-        FPMC.from_pretrained(tmp_path / "missing")
-    _model().save_pretrained(tmp_path / "other")
-    config_path = tmp_path / "other" / "config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model": "sasrec"}))
-    with pytest.raises(UserError, match="a sasrec checkpoint, not fpmc"):
-        FPMC.from_pretrained(tmp_path / "other")
-
-
 def _successor_sequences(rng: np.random.Generator, n_items: int, count: int) -> list[list[int]]:
     """Runs start, start + 1, ...: item i is always followed by i + 1."""
     out = []

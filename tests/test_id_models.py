@@ -71,3 +71,24 @@ def test_model_files_import_no_training_code(source):
         elif isinstance(node, ast.Import):
             imported |= {a.name for a in node.names}
     assert not imported & {"molar.train", "molar.evaluate"}, f"{source}: training code belongs in molar/recipes/"
+
+
+@pytest.mark.parametrize("name", sorted(ID_MODELS))
+def test_every_id_model_round_trips_and_refuses_a_foreign_or_missing_checkpoint(name, tmp_path):
+    from molar.config import Params
+
+    cls = ID_MODELS[name]
+    torch.manual_seed(0)
+    model = cls.from_params(12, getattr(Params(), name)).eval()  # built from its default section
+    with pytest.raises(FileNotFoundError, match="no ID-model checkpoint"):
+        cls.from_pretrained(tmp_path / "missing")
+    model.save_pretrained(tmp_path / name)
+    loaded = load_id_model(tmp_path / name)
+    assert type(loaded) is cls and not loaded.training
+    histories = [[1, 2, 3], [4, 5]]
+    assert torch.equal(loaded.score(histories), model.score(histories))
+    other = next(n for n in sorted(ID_MODELS) if n != name)
+    config = tmp_path / name / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model": other}))
+    with pytest.raises(UserError, match=f"a {other} checkpoint, not {name}"):
+        cls.from_pretrained(tmp_path / name)
