@@ -66,18 +66,21 @@ class FPMC(SequentialRecommender):
     def from_params(cls, n_items: int, params) -> "FPMC":  # params: molar.config.FpmcParams
         return cls(FpmcConfig(n_items=n_items, hidden_size=params.hidden_size, dropout=params.dropout, max_length=params.max_length))
 
-    def encode(self, padded: torch.Tensor) -> torch.Tensor:
-        if padded.dim() != 2:
-            raise ValueError(f"FPMC.encode expects [B, L] item ids, got shape {tuple(padded.shape)}")
-        if padded.shape[1] > self.max_length:
-            raise ValueError(f"FPMC.encode: {padded.shape[1]} positions > max_length {self.max_length}; truncate with left_pad")
-        real = (padded != 0).unsqueeze(-1)  # [B, L, 1]
-        # padding rows are zero (padding_idx) and dropout keeps zeros zero, so the running sum
-        # over left padding adds exact zeros: more padding never changes a real position's vector
-        history = self.dropout(self.history_emb(padded)).cumsum(dim=1)
+    def input_vectors(self, padded: torch.Tensor) -> torch.Tensor:
+        """[H_i ; LI_i] per position: the history factor and the transition factor side by side."""
+        return torch.cat([self.history_emb(padded), self.last_item_emb(padded)], dim=-1)
+
+    def encode_vectors(self, inputs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        real = real.unsqueeze(-1)  # [B, L, 1]
+        f = inputs.shape[-1] // 2
+        # padding inputs are zero (the caller's masking below keeps them so for any inputs) and
+        # dropout keeps zeros zero, so the running sum over left padding adds exact zeros: more
+        # padding never changes a real position's vector
+        inputs = inputs * real
+        history = self.dropout(inputs[..., :f]).cumsum(dim=1)
         seen = real.cumsum(dim=1).clamp(min=1)  # items so far; padding positions divide 0 by 1
         pooled = history / seen
-        last = self.dropout(self.last_item_emb(padded))
+        last = self.dropout(inputs[..., f:])
         return torch.cat([pooled, last], dim=-1) * real
 
     def item_embeddings(self) -> torch.Tensor:

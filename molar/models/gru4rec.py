@@ -71,12 +71,12 @@ class GRU4Rec(SequentialRecommender):
             )
         )
 
-    def encode(self, padded: torch.Tensor) -> torch.Tensor:
-        if padded.dim() != 2:
-            raise ValueError(f"GRU4Rec.encode expects [B, L] item ids, got shape {tuple(padded.shape)}")
-        real = (padded != 0).unsqueeze(-1)
+    def input_vectors(self, padded: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(padded)
+
+    def encode_vectors(self, inputs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         # zero at padding whatever row 0 holds: the no-op argument needs x = 0 there, not a convention
-        x = self.emb_dropout(self.item_emb(padded)) * real
+        x = self.emb_dropout(inputs) * real.unsqueeze(-1)
         states, _ = self.gru(x)  # h0 = 0; causal: position i's state has seen items <= i only
         return self.dense(states)
 

@@ -5,6 +5,12 @@ recent item) and gives a user vector after every position (``encode``); items ar
 dot product with its output item vectors (``item_embeddings``). That is all the evaluator, the
 next-item training recipe (molar/recipes/id_models.py) and Molar's alignment need to know.
 
+``encode`` is two seams: ``input_vectors`` (item ids -> the vectors the sequence encoder reads:
+an ID table here, frozen content through a projection in content SASRec) and ``encode_vectors``
+(the sequence encoder over any such vectors, also what Molar's ``dueg.kind`` reuses over MIRM
+item embeddings). A model may add a loss term of its own to the next-item loss
+(``auxiliary_loss``, e.g. DuoRec's contrastive regulariser).
+
 A checkpoint is a folder: ``config.json`` (``{"model": <registry name>, **config}``) +
 ``model.safetensors``. ``molar.models.registry.load_id_model`` reads the name and dispatches.
 """
@@ -49,12 +55,38 @@ class SequentialRecommender(nn.Module, abc.ABC):
     n_items: int
 
     @abc.abstractmethod
+    def input_vectors(self, padded: torch.Tensor) -> torch.Tensor:
+        """Left-padded item ids [B, L] -> the sequence encoder's input vectors [B, L, d_in]."""
+
+    @abc.abstractmethod
+    def encode_vectors(self, inputs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Input vectors [B, L, d_in] with ``real`` [B, L] (False = padding) -> user vectors after each position [B, L, d].
+
+        Causal: position t sees positions <= t only; padding never changes a real position's vector.
+        """
+
     def encode(self, padded: torch.Tensor) -> torch.Tensor:
         """Left-padded histories [B, L] (0 = padding) -> user vectors after each position [B, L, d]."""
+        if padded.dim() != 2:
+            raise ValueError(f"{type(self).__name__}.encode expects [B, L] item ids, got shape {tuple(padded.shape)}")
+        if padded.shape[1] > self.max_length:
+            raise ValueError(
+                f"{type(self).__name__}.encode: {padded.shape[1]} positions > max_length {self.max_length}; truncate with left_pad"
+            )
+        return self.encode_vectors(self.input_vectors(padded), padded != 0)
 
     @abc.abstractmethod
     def item_embeddings(self) -> torch.Tensor:
         """Output item vectors [n_items + 1, d]; row 0 is padding and is never a recommendation."""
+
+    def auxiliary_loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor, states: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """A loss term the model adds to the next-item loss of a training batch, with its log entries; None = none.
+
+        ``inputs`` / ``targets`` are the batch ([B, L], 0 = padding), ``states`` = ``self(inputs)``.
+        """
+        return None
 
     def forward(self, padded: torch.Tensor) -> torch.Tensor:
         """``encode``: going through ``__call__`` keeps hooks and DDP wrappers working."""

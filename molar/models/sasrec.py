@@ -91,21 +91,21 @@ class SASRec(SequentialRecommender):
             self.item_emb.weight[0].zero_()
             self.pos_emb.weight[0].zero_()
 
-    def encode(self, padded: torch.Tensor) -> torch.Tensor:
-        if padded.dim() != 2:
-            raise ValueError(f"SASRec.encode expects [B, L] item ids, got shape {tuple(padded.shape)}")
-        length = padded.shape[1]
+    def input_vectors(self, padded: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(padded)
+
+    def encode_vectors(self, inputs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        length = inputs.shape[1]
         if length > self.max_length:
-            raise ValueError(f"SASRec.encode: {length} positions > max_length {self.max_length}; truncate with left_pad")
-        real = padded != 0  # [B, L]
-        positions = torch.arange(self.max_length - length + 1, self.max_length + 1, device=padded.device)
-        x = self.item_emb(padded) * math.sqrt(self.config.hidden_size)
+            raise ValueError(f"SASRec: {length} positions > max_length {self.max_length}; truncate with left_pad")
+        positions = torch.arange(self.max_length - length + 1, self.max_length + 1, device=inputs.device)
+        x = inputs * math.sqrt(self.config.hidden_size)
         x = x + self.pos_emb(positions * real)
         x = self.emb_dropout(x) * real.unsqueeze(-1)
         # query i may see key j <= i that is a real item; every position also sees itself, so
         # padding rows (which no loss or score reads) never have an empty softmax.
-        causal = torch.ones(length, length, dtype=torch.bool, device=padded.device).tril()
-        allowed = (causal & real.unsqueeze(1)) | torch.eye(length, dtype=torch.bool, device=padded.device)
+        causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).tril()
+        allowed = (causal & real.unsqueeze(1)) | torch.eye(length, dtype=torch.bool, device=inputs.device)
         allowed = allowed.unsqueeze(1)  # [B, 1, L, L], broadcast over heads
         for block in self.blocks:
             x = block(x, allowed) * real.unsqueeze(-1)

@@ -128,8 +128,16 @@ def train_id_model(
     def compute_loss(m: SequentialRecommender, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch
         core = getattr(m, "module", m)  # the model itself under a DDP wrapper
-        loss = losses.next_item_loss(params.loss, m(inputs), targets, core.item_embeddings(), params.num_negatives)
-        return loss, {"loss": loss.item()}
+        states = m(inputs)
+        loss = losses.next_item_loss(params.loss, states, targets, core.item_embeddings(), params.num_negatives)
+        logs = {"loss": loss.item()}
+        extra = core.auxiliary_loss(inputs, targets, states)  # the model's own term, e.g. DuoRec's contrastive one
+        if extra is not None:
+            term, extra_logs = extra
+            logs = {"next_item_loss": logs["loss"], **extra_logs}
+            loss = loss + term
+            logs["loss"] = loss.item()
+        return loss, logs
 
     def validate(m: SequentialRecommender) -> dict[str, float]:
         return evaluate_scorer(
