@@ -9,6 +9,7 @@ from molar.config import FpmcParams, ParamsError, parse_params
 from molar.errors import UserError
 from molar.models.fpmc import FPMC, FpmcConfig
 from molar.models.id_model import SequentialRecommender, left_pad
+from successor_data import successor_sequences  # tests/successor_data.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -92,22 +93,12 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded.score(histories), model.score(histories))
 
 
-def _successor_sequences(rng: np.random.Generator, n_items: int, count: int) -> list[list[int]]:
-    """Runs start, start + 1, ...: item i is always followed by i + 1."""
-    out = []
-    for _ in range(count):
-        start = int(rng.integers(1, n_items - 1))
-        length = int(rng.integers(2, n_items - start + 2))  # 2 .. up to item n_items
-        out.append(list(range(start, start + length)))
-    return out
-
-
 def test_learns_that_item_i_is_followed_by_i_plus_1():
     n_items, max_length = 20, 8
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = FPMC(FpmcConfig(n_items=n_items, hidden_size=16, max_length=max_length))
-    train = left_pad([s[-(max_length + 1) :] for s in _successor_sequences(rng, n_items, 200)], max_length + 1)
+    train = left_pad([s[-(max_length + 1) :] for s in successor_sequences(rng, n_items, 200)], max_length + 1)
     inputs, targets = train[:, :-1], train[:, 1:]
     targets = targets.masked_fill(inputs == 0, 0)  # a padding input predicts nothing
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -119,7 +110,7 @@ def test_learns_that_item_i_is_followed_by_i_plus_1():
         optimizer.step()
     model.eval()
     # held-out prefixes: fresh runs cut at a random point; the answer is the last item + 1
-    prefixes = [s[: int(rng.integers(1, len(s)))] for s in _successor_sequences(rng, n_items, 100)]
+    prefixes = [s[: int(rng.integers(1, len(s)))] for s in successor_sequences(rng, n_items, 100)]
     with torch.no_grad():
         top1 = model.score(prefixes)[:, 1:].argmax(dim=1) + 1  # column 0 is padding, never recommended
     recall_at_1 = (top1 == torch.tensor([p[-1] + 1 for p in prefixes])).float().mean().item()

@@ -9,7 +9,9 @@ next-item training recipe (molar/recipes/id_models.py) and Molar's alignment nee
 an ID table here, frozen content through a projection in content SASRec) and ``encode_vectors``
 (the sequence encoder over any such vectors, also what Molar's ``dueg.kind`` reuses over MIRM
 item embeddings). A model may add a loss term of its own to the next-item loss
-(``auxiliary_loss``, e.g. DuoRec's contrastive regulariser).
+(``auxiliary_loss``, e.g. DuoRec's contrastive regulariser); one that needs, per training row,
+another sequence with the same target says so (``same_target_partners``) and the recipe's batches
+carry them (``NextItemBatch.partners``).
 
 A checkpoint is a folder: ``config.json`` (``{"model": <registry name>, **config}``) +
 ``model.safetensors``. ``molar.models.registry.load_id_model`` reads the name and dispatches.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import abc
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -48,11 +50,28 @@ def left_pad(histories: Sequence[Sequence[int]], max_length: int) -> torch.LongT
     return torch.from_numpy(out)
 
 
+class NextItemBatch(NamedTuple):
+    """One training batch of the next-item recipe (molar/recipes/id_models.py), as ``auxiliary_loss`` sees it.
+
+    ``inputs`` / ``targets`` [B, L] are left-padded (0 = padding): every position predicts its next
+    item, so ``targets[:, -1]`` is each row's last target. ``partners`` [B, L'] (only for a model
+    whose ``same_target_partners`` is true, else None) holds per row another training prefix that
+    is followed by that same last target (left-padded, at most ``max_length`` items; the row's own
+    input where the training data has no other).
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    partners: torch.Tensor | None = None
+
+
 class SequentialRecommender(nn.Module, abc.ABC):
     """An ID-based next-item model: user vectors at every position, scored by item dot products."""
 
     max_length: int
     n_items: int
+    # true: auxiliary_loss reads NextItemBatch.partners, so the recipe builds them (a per-instance choice)
+    same_target_partners: bool = False
 
     @abc.abstractmethod
     def input_vectors(self, padded: torch.Tensor) -> torch.Tensor:
@@ -79,12 +98,11 @@ class SequentialRecommender(nn.Module, abc.ABC):
     def item_embeddings(self) -> torch.Tensor:
         """Output item vectors [n_items + 1, d]; row 0 is padding and is never a recommendation."""
 
-    def auxiliary_loss(
-        self, inputs: torch.Tensor, targets: torch.Tensor, states: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]] | None:
+    def auxiliary_loss(self, batch: NextItemBatch, states: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]] | None:
         """A loss term the model adds to the next-item loss of a training batch, with its log entries; None = none.
 
-        ``inputs`` / ``targets`` are the batch ([B, L], 0 = padding), ``states`` = ``self(inputs)``.
+        ``states`` = ``self(batch.inputs)``, the pass the next-item loss reads (training mode). Any
+        randomness must come from the global torch RNG (checkpointed by the training loop).
         """
         return None
 

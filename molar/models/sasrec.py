@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ NAME = "sasrec"  # its registry name, its params.yaml section and its checkpoint
 # ---------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
 class SasrecConfig:
+    SECTION: ClassVar[str] = NAME  # the params.yaml section its values come from (named in errors)
+
     n_items: int
     hidden_size: int = 64
     num_blocks: int = 2
@@ -37,7 +40,9 @@ class SasrecConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise UserError(f"sasrec.hidden_size ({self.hidden_size}) must be divisible by sasrec.num_heads ({self.num_heads})")
+            raise UserError(
+                f"{self.SECTION}.hidden_size ({self.hidden_size}) must be divisible by {self.SECTION}.num_heads ({self.num_heads})"
+            )
         if self.n_items < 1:
             raise ValueError(f"SASRec needs a catalog of at least one item (n_items={self.n_items})")
 
@@ -71,6 +76,10 @@ class _Block(nn.Module):
 
 
 class SASRec(SequentialRecommender):
+    # what its checkpoints are written and read under (a subclass such as DuoRec names its own)
+    CHECKPOINT_NAME: ClassVar[str] = NAME
+    CONFIG: ClassVar[type[SasrecConfig]] = SasrecConfig
+
     def __init__(self, config: SasrecConfig) -> None:
         super().__init__()
         self.config = config
@@ -131,11 +140,11 @@ class SASRec(SequentialRecommender):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (atomically, as a whole)."""
-        write_checkpoint(directory, NAME, asdict(self.config), self)
+        write_checkpoint(directory, self.CHECKPOINT_NAME, asdict(self.config), self)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "SASRec":
-        config, weights = read_checkpoint(directory, NAME, device)
-        model = cls(SasrecConfig(**config))
+        config, weights = read_checkpoint(directory, cls.CHECKPOINT_NAME, device)
+        model = cls(cls.CONFIG(**config))
         model.load_state_dict(weights)
         return model.to(device).eval()
