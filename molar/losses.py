@@ -200,3 +200,28 @@ def symmetric_info_nce(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Te
     logits = F.normalize(x.float(), dim=-1) @ F.normalize(y.float(), dim=-1).T / tau  # [B, B]
     labels = torch.arange(x.shape[0], device=x.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# ------------------------------------------------------------------ DuoRec's contrastive term
+def in_batch_info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, similarity: str = "dot") -> torch.Tensor:
+    """DuoRec's contrastive loss (RecBole's DuoRec ``info_nce``, SimCLR's NT-Xent) over two views [N, d].
+
+    The 2N views ``z = cat(a, b)`` score each other by ``similarity`` (``dot``: z z^T; ``cosine``:
+    of the unit vectors) / ``tau``. Row i's positive is its pair (a_i <-> b_i); its negatives are
+    the other 2N - 2 views (itself left out, as RecBole's ``mask_correlated_samples``). The mean
+    over the 2N rows of the cross-entropy of the positive against [positive, negatives].
+    """
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"in_batch_info_nce needs two [N, d] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    z = torch.cat([a, b]).float()
+    if similarity == "cosine":
+        z = F.normalize(z, dim=-1)
+    elif similarity != "dot":
+        raise ValueError(f"unknown similarity {similarity!r}; use dot or cosine")
+    n = a.shape[0]
+    logits = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    pair = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # row i's positive
+    # a softmax over every view but itself = over [positive, the 2N - 2 negatives]
+    return F.cross_entropy(logits, pair)

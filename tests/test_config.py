@@ -27,6 +27,9 @@ def test_every_params_key_has_a_comment():
     [
         ("sasrec:\n  hidden_size: -1\n", r"params.yaml:2: sasrec.hidden_size: .*greater than or equal to 1 \(got -1\)"),
         ("sasrec:\n  hiden_size: 3\n", r"params.yaml:2: sasrec.hiden_size: unknown key; allowed here: .*hidden_size"),
+        # `lambda` (a Python keyword) is the YAML key and the name in every message, never the field's lambda_
+        ("duorec:\n  lambda: -0.1\n", r"params.yaml:2: duorec.lambda: .*greater than or equal to 0 \(got -0.1\)"),
+        ("duorec:\n  lambda_: 0.2\n", r"params.yaml:2: duorec.lambda_: unknown key; allowed here: .*hidden_size, lambda, loss,"),
         ("eval:\n  ks: [10, ten]\n", r"eval.ks.1: .*valid integer"),
         ("eval:\n  ks: []\n", r"eval.ks: .*non-empty list"),
         ("seed: 1\nsasrec:\n  epochs: '5'\n", r"params.yaml:3: sasrec.epochs: .*valid integer"),
@@ -93,6 +96,18 @@ def test_params_survive_dvcs_rewrite(tmp_path, name):
     after = load_params(path)
     assert after.align.alpha == 0.5
     assert after == before.model_copy(update={"align": before.align.model_copy(update={"alpha": 0.5})})
+
+
+def test_duorec_lambda_is_set_as_dvc_exp_run_sets_it(tmp_path):
+    """`dvc exp run -S duorec.lambda=0.2`: the keyword-named key parses, rewritten in DVC's style."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    assert load_params(path).duorec.lambda_ == 0.1
+    apply_overrides(path, ["duorec.lambda=0.2"])
+    assert "  lambda: 0.2" in path.read_text()
+    assert load_params(path).duorec.lambda_ == 0.2
 
 
 def test_errors_in_a_dvc_rewritten_file_name_its_lines(tmp_path):

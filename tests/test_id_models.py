@@ -92,3 +92,19 @@ def test_every_id_model_round_trips_and_refuses_a_foreign_or_missing_checkpoint(
     config.write_text(json.dumps({**json.loads(config.read_text()), "model": other}))
     with pytest.raises(UserError, match=f"a {other} checkpoint, not {name}"):
         cls.from_pretrained(tmp_path / name)
+
+
+def test_every_registered_model_has_its_name_section_and_training_stage():
+    """One registry, and the places that must agree with it: IdModelName (eval.models, align.id_model,
+    ci.floors), a params section of that name, and a train-id@NAME stage (train/dvc.yaml's id_models)."""
+    from typing import get_args
+
+    from ruamel.yaml import YAML
+
+    from molar.config import IdModelName, Params
+
+    assert set(get_args(IdModelName)) == set(ID_MODELS)
+    assert set(ID_MODELS) <= set(Params.model_fields)
+    train_vars = YAML(typ="safe").load((Path(__file__).resolve().parents[1] / "train" / "dvc.yaml").read_text())["vars"]
+    id_models = next(v["id_models"] for v in train_vars if isinstance(v, dict) and "id_models" in v)
+    assert sorted(id_models) == sorted(ID_MODELS)

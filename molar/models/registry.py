@@ -13,6 +13,7 @@ import torch
 
 from molar.errors import UserError
 from molar.models.id_model import CONFIG_FILE, SequentialRecommender, checkpoint_name
+from molar.models.duorec import DuoRec
 from molar.models.fpmc import FPMC
 from molar.models.gru4rec import GRU4Rec
 from molar.models.sasrec import SASRec
@@ -21,6 +22,7 @@ ID_MODELS: dict[str, type[SequentialRecommender]] = {
     "sasrec": SASRec,
     "fpmc": FPMC,
     "gru4rec": GRU4Rec,
+    "duorec": DuoRec,
 }
 
 
