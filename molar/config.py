@@ -203,6 +203,7 @@ class AlignParams(Section):
 
 
 class DuegParams(Section):
+    kind: Literal["llm", IdModelName] = "llm"  # llm or any ID model of the registry (molar/models/id_dueg.py)
     init: Literal["base", "mirm"] = "base"
     item_adapter: Literal["auto", "linear", "whiten"] = "whiten"
     layers: int = Field(0, ge=0)

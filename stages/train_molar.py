@@ -1,5 +1,9 @@
 """Train Molar: DUEG over MIRM item embeddings, with BCE + align.alpha x InfoNCE post-alignment to an ID model.
 
+dueg.kind chooses the user model: llm (the backbone's decoder, the paper's DUEG) or an ID model of
+the registry (a fresh encoder of that model from its params section; the LLM backbone is then not
+loaded for DUEG).
+
 Reads the split, MIRM (data/models/mirm/ and its catalog cache data/models/mirm-items.safetensors)
 and the frozen ID model align.id_model (data/models/<align.id_model>/, e.g. SASRec).
 train.mirm_trainable: false (default) trains DUEG on the cached item embeddings; true
@@ -73,17 +77,21 @@ def main(params: Path = PARAMS_OPTION) -> None:
         if table.shape[0] != split.n_items + 1:
             raise UserError(f"{ITEM_EMBEDDINGS}: {table.shape[0] - 1} items, the split has {split.n_items}; rerun `dvc repro`")
 
-        # DUEG: the decoder of the base backbone or of the fine-tuned MIRM, a copy of its own
-        if cfg.dueg.init == "base":
-            source = load_backbone(mirm.backbone, corpus=backbone_corpus(items), dtype="float32", **load)
-        else:
-            source = mirm_bb
-        decoder = decoder_of(source.model)
-        user_embedding = user_embedding_of(source.model, source.tokenizer)
-        if cfg.dueg.init == "mirm" and t.mirm_trainable:
-            decoder = copy.deepcopy(decoder)  # MIRM keeps training its own weights
-        decoder = decoder.float()
-        dueg_key = checkpoint_key(source.directory)
+        llm_user_model = cfg.dueg.kind == "llm"
+        decoder = user_embedding = dueg_key = None  # other kinds: an ID model's fresh encoder, no decoder
+        encoder_section = None if llm_user_model else cfg.section_dict(cfg.dueg.kind)  # defines that encoder
+        if llm_user_model:
+            # DUEG: the decoder of the base backbone or of the fine-tuned MIRM, a copy of its own
+            if cfg.dueg.init == "base":
+                source = load_backbone(mirm.backbone, corpus=backbone_corpus(items), dtype="float32", **load)
+            else:
+                source = mirm_bb
+            decoder = decoder_of(source.model)
+            user_embedding = user_embedding_of(source.model, source.tokenizer)
+            if cfg.dueg.init == "mirm" and t.mirm_trainable:
+                decoder = copy.deepcopy(decoder)  # MIRM keeps training its own weights
+            decoder = decoder.float()
+            dueg_key = checkpoint_key(source.directory)
         mirm_key = checkpoint_key(MIRM_DIR) if t.mirm_trainable else None
 
         if t.mirm_trainable:
@@ -97,13 +105,13 @@ def main(params: Path = PARAMS_OPTION) -> None:
         else:
             item_side = M.CachedItems(table)
             del mirm_bb  # only the table is needed from here on
-        if cfg.dueg.init == "base":
+        if llm_user_model and cfg.dueg.init == "base":
             del source
 
         model = M.build_model(decoder, item_side, cfg, id_dim=int(id_model.item_embeddings().shape[1]), user_embedding=user_embedding)
         run_key = make_run_key(
-            "molar", run_defining(cfg.section_dict("train")), cfg.section_dict("align"), cfg.section_dict("dueg"), cfg.seed,
-            cfg.eval.mask_history, make_run_key(table), dueg_key, mirm_key, checkpoint_key(id_dir),
+            "molar", run_defining(cfg.section_dict("train")), cfg.section_dict("align"), cfg.section_dict("dueg"), encoder_section,
+            cfg.seed, cfg.eval.mask_history, make_run_key(table), dueg_key, mirm_key, checkpoint_key(id_dir),
             sequences_fingerprint(split.train), sequences_fingerprint(split.valid.histories), split.valid.targets,
         )
 
@@ -123,7 +131,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
     if step_log is None:  # not the main process of a multi-process run: it writes nothing
         process_state().wait_for_everyone()  # returns once the main process has written the outputs
         return
-    extra = {"mirm_trainable": t.mirm_trainable, "dueg_init": cfg.dueg.init, "backbone": mirm.backbone, "run_key": run_key}
+    extra = {"mirm_trainable": t.mirm_trainable, "dueg_init": cfg.dueg.init if llm_user_model else None,
+             "backbone": mirm.backbone, "run_key": run_key}
     model.save_pretrained(MODEL_DIR, extra=extra)
     if cfg.align.train_id_model:
         model.id_model.save_pretrained(MODEL_DIR / "id_model")  # the co-trained ID model, beside DUEG
@@ -152,6 +161,6 @@ def main(params: Path = PARAMS_OPTION) -> None:
     write_json(summary, SUMMARY)
     typer.echo(
         f"train-molar: best epoch {result.best_epoch}/{len(result.history)} (valid NDCG@10 {result.best_metric:.4f}, "
-        f"alpha {cfg.align.alpha}, {'end-to-end' if t.mirm_trainable else 'cached items'}) -> {MODEL_DIR}/"
+        f"alpha {cfg.align.alpha}, user model {cfg.dueg.kind}, {'end-to-end' if t.mirm_trainable else 'cached items'}) -> {MODEL_DIR}/"
     )
     process_state().wait_for_everyone()  # a later stage in the same launch reads the outputs

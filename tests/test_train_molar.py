@@ -103,6 +103,46 @@ def test_rerun_returns_the_finished_run_without_training(stage_run) -> None:
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_an_id_model_user_model_trains_and_scores_without_the_llm_decoder(stage_run, tmp_path, monkeypatch) -> None:
+    """dueg.kind sasrec: the stage loads MIRM (the item table) only, never a backbone for DUEG, and
+    saves a checkpoint the evaluator scores with the SASRec encoder over MIRM items."""
+    import shutil
+
+    import molar.backbones
+    from molar.recipes.molar import load_scorer
+    from stages import train_molar
+
+    work, _ = stage_run
+    shutil.copytree(work / "data", tmp_path / "data", ignore=shutil.ignore_patterns("state", "molar"))
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS + "dueg:\n  kind: sasrec\n")
+    loaded = []
+    load_backbone = molar.backbones.load_backbone
+
+    def recording(directory, *args, **kwargs):
+        loaded.append(Path(directory))
+        return load_backbone(directory, *args, **kwargs)
+
+    monkeypatch.setattr(molar.backbones, "load_backbone", recording)
+    monkeypatch.chdir(tmp_path)
+    train_molar.main(params)
+    assert loaded == [Path("data/models/mirm")]
+    model_dir = tmp_path / "data/models/molar"
+    meta = json.loads((model_dir / "molar.json").read_text())
+    assert meta["dueg_kind"] == "sasrec" and meta["dueg_init"] is None and not (model_dir / "decoder").exists()
+    assert json.loads((model_dir / "user_model/config.json").read_text())["model"] == "sasrec"
+    epochs = read_csv(tmp_path / "metrics/molar_train/epochs.csv")
+    assert float(epochs[-1]["loss"]) < float(epochs[0]["loss"]) - 0.05, epochs
+    summary = json.loads((tmp_path / "metrics/molar_train/summary.json").read_text())
+    from molar.data.split import load_split
+    from molar.evaluate import evaluate_scorer
+
+    split = load_split(tmp_path / "data/processed")
+    score = load_scorer(model_dir)
+    metrics = evaluate_scorer(score, split.valid.histories, split.valid.targets, split.n_items, ks=(10,), progress=False)
+    assert metrics["ndcg@10"] == pytest.approx(summary["valid_ndcg@10"], abs=1e-6)  # the saved model is the selected one
+
+
 def test_end_to_end_mode_sends_gradients_into_the_item_model() -> None:
     # A stand-in MIRM (an embedding table behind the same embed(module, ids) call the stage uses):
     # gradients must reach it for the batch's items only, and refresh() must rebuild the table.

@@ -109,6 +109,10 @@ class Dueg(nn.Module):
         """MIRM item vectors [..., item_dim] -> the decoder's input / scoring space [..., hidden]."""
         return self.item_proj(item_vectors)
 
+    def project_candidates(self, item_vectors: torch.Tensor) -> torch.Tensor:
+        """The items being scored: the same map as the inputs (one item space, as SASRec's shared table)."""
+        return self.item_proj(item_vectors)
+
     def forward(self, item_inputs: torch.Tensor, real: torch.Tensor, user_columns: torch.Tensor) -> torch.Tensor:
         """User vectors [B, U, hidden]: the final state of a ``[User]`` after each of ``user_columns``.
 

@@ -6,7 +6,9 @@ The joint model (``MolarModel``) holds
   itself (``MirmItems``, which embeds the items of each batch with gradients and refreshes the
   catalog table for scoring; ``train.mirm_trainable: true``, end-to-end as in the paper);
 - DUEG (molar/models/dueg.py): the backbone's decoder over the history's item vectors, the user
-  vector is its final state at ``[User]``;
+  vector is its final state at ``[User]`` (``dueg.kind: llm``, the paper's); or, for the paper's
+  RQ2, an ID model's sequence encoder over the same item vectors (``dueg.kind: sasrec | gru4rec |
+  fpmc``, ``IdDueg`` of molar/models/id_dueg.py, same interface);
 - the alignment head: a linear map from DUEG's width to the ID model's when they differ
   (``align.project``).
 
@@ -44,11 +46,13 @@ from molar import losses
 from molar.errors import MissingInputError, UserError
 from molar.io import atomic_path
 from molar.models.dueg import Dueg
+from molar.models.id_dueg import IdDueg
 from molar.models.id_model import left_pad  # the ID models' layout, so both models read one batch
 
 CONFIG_FILE = "molar.json"
 WEIGHTS_FILE = "model.safetensors"
-DECODER_CONFIG_DIR = "decoder"  # the DUEG decoder's transformers config (config.json)
+DECODER_CONFIG_DIR = "decoder"  # the DUEG decoder's transformers config (config.json), dueg.kind llm
+USER_MODEL_DIR = "user_model"  # the ID-model encoder's checkpoint (registry format), other dueg.kind
 LIVE_NEGATIVE = 0.01  # a negative is live while its gradient weight (sigmoid / softmax share) is above this
 
 
@@ -152,6 +156,7 @@ class MolarConfig:
     similarity: str = "cosine"  # cosine | dot
     logit_scale: float = 10.0
     item_adapter: str = "auto"  # auto | linear | whiten (molar.models.dueg.item_adapter_for)
+    dueg_kind: str = "llm"  # llm: the LLM decoder (Dueg) | an ID model's name: its encoder (IdDueg)
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
@@ -159,8 +164,10 @@ class MolarConfig:
 
 
 class MolarModel(nn.Module):
-    def __init__(self, config: MolarConfig, dueg: Dueg, items: CachedItems | MirmItems, align_head: nn.Module | None = None) -> None:
+    def __init__(self, config: MolarConfig, dueg: Dueg | IdDueg, items: CachedItems | MirmItems, align_head: nn.Module | None = None) -> None:
         super().__init__()
+        if isinstance(dueg, Dueg) != (config.dueg_kind == "llm"):
+            raise ValueError(f"MolarConfig dueg_kind {config.dueg_kind!r} disagrees with the user model ({type(dueg).__name__})")
         if items.dim != config.item_dim or dueg.hidden_size != config.hidden_size:
             raise ValueError(f"MolarConfig widths {config.item_dim}/{config.hidden_size} disagree with the modules ({items.dim}/{dueg.hidden_size})")
         if items.table.shape[0] != config.n_items + 1:
@@ -192,8 +199,8 @@ class MolarModel(nn.Module):
         users = self.encode(inputs, hist_vecs, columns)
         out = {
             "users": users,
-            "pos_items": self.dueg.project_items(pos_vecs),
-            "neg_items": self.dueg.project_items(neg_vecs),
+            "pos_items": self.dueg.project_candidates(pos_vecs),
+            "neg_items": self.dueg.project_candidates(neg_vecs),
             "aligned": self.align_head(users),
         }
         id_model = getattr(self, "id_model", None)
@@ -204,7 +211,7 @@ class MolarModel(nn.Module):
 
     def catalog_vectors(self) -> torch.Tensor:
         """Every item in the scoring space [n_items + 1, hidden] (row 0 = padding, never ranked)."""
-        return self.dueg.project_items(self.items.table)
+        return self.dueg.project_candidates(self.items.table)
 
     def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of users [..., d] against items [..., d] (broadcast, last dim reduced)."""
@@ -239,14 +246,20 @@ class MolarModel(nn.Module):
     # -------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
         """``molar.json`` + ``model.safetensors`` (DUEG, heads, the catalog item table) + the
-        decoder's transformers config, written atomically as one directory. MIRM's own weights
-        (end-to-end mode) and a co-trained ID model are not part of it: scoring needs only DUEG and the
-        refreshed item table."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(("items.mirm.", "id_model."))}
-        meta = {"model": "molar", **asdict(self.config), "decoder_class": type(self.dueg.decoder).__name__, **(extra or {})}
+        decoder's transformers config (``dueg.kind: llm``) or the ID-model encoder's own checkpoint
+        (other kinds: its weights live there only), written atomically as one directory. MIRM's own
+        weights (end-to-end mode) and a co-trained ID model are not part of it: scoring needs only
+        DUEG and the refreshed item table."""
+        skip = ("items.mirm.", "id_model.", "dueg.encoder.")  # the encoder's weights: in its own checkpoint
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(skip)}
+        user_model = {"decoder_class": type(self.dueg.decoder).__name__} if isinstance(self.dueg, Dueg) else {}
+        meta = {"model": "molar", **asdict(self.config), **user_model, **(extra or {})}
         with atomic_path(directory) as tmp:
             tmp.mkdir()
-            self.dueg.decoder.config.save_pretrained(tmp / DECODER_CONFIG_DIR)
+            if isinstance(self.dueg, Dueg):
+                self.dueg.decoder.config.save_pretrained(tmp / DECODER_CONFIG_DIR)
+            else:
+                self.dueg.save_encoder(tmp / USER_MODEL_DIR)
             save_file(state, str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -261,34 +274,47 @@ class MolarModel(nn.Module):
         meta = json.loads(config_path.read_text())
         if meta.get("model") != "molar":
             raise UserError(f"{config_path}: not a Molar checkpoint")
-        config = MolarConfig(**{k: meta[k] for k in MolarConfig.__dataclass_fields__})
-        decoder_config = AutoConfig.from_pretrained(directory / DECODER_CONFIG_DIR, local_files_only=True)
-        decoder = AutoModel.from_config(decoder_config, attn_implementation="sdpa")
+        # a checkpoint from before dueg.kind has no dueg_kind: the LLM decoder, the only kind then
+        config = MolarConfig(**{k: meta[k] for k in MolarConfig.__dataclass_fields__ if k in meta})
         state = load_file(str(weights_path), device="cpu")
         items = CachedItems(state["items.table"])
-        dueg = Dueg(decoder, config.item_dim, item_adapter=config.item_adapter)
+        if config.dueg_kind == "llm":
+            decoder_config = AutoConfig.from_pretrained(directory / DECODER_CONFIG_DIR, local_files_only=True)
+            decoder = AutoModel.from_config(decoder_config, attn_implementation="sdpa")
+            dueg = Dueg(decoder, config.item_dim, item_adapter=config.item_adapter)
+        else:
+            dueg = IdDueg.from_pretrained(directory / USER_MODEL_DIR, config.item_dim, config.item_adapter)
+            state.update({f"dueg.encoder.{k}": v for k, v in dueg.encoder.state_dict().items()})
         model = cls(config, dueg, items, align_head_for(config.hidden_size, config.id_dim, project=True))
         model.load_state_dict(state)
         return model.to(device).eval()
 
 
 def build_model(
-    decoder: nn.Module,
+    decoder: nn.Module | None,
     items: CachedItems | MirmItems,
-    params,  # molar.config.Params (train, align, dueg sections are read)
+    params,  # molar.config.Params (train, align, dueg and, for dueg.kind other than llm, that ID model's sections are read)
     id_dim: int | None,
     user_embedding: torch.Tensor | None = None,
 ) -> MolarModel:
-    """DUEG on ``decoder`` (its first ``dueg.layers`` blocks) + the item side + the alignment head."""
+    """The user model of ``dueg.kind`` + the item side + the alignment head: DUEG on ``decoder``
+    (its first ``dueg.layers`` blocks) for ``llm``, else a fresh encoder of that ID model (from its
+    params section; ``decoder`` and ``user_embedding`` unused, pass None)."""
     from molar.models.dueg import keep_first_layers
 
-    t = params.train
-    decoder = keep_first_layers(decoder, params.dueg.layers)
+    t, d = params.train, params.dueg
     table = items.table
-    dueg = Dueg(decoder, table.shape[1], user_embedding, item_adapter=params.dueg.item_adapter, catalog=table[1:])
+    n_items, item_dim = table.shape[0] - 1, table.shape[1]
+    if d.kind == "llm":
+        if decoder is None:
+            raise ValueError("dueg.kind llm needs the backbone's decoder")
+        dueg = Dueg(keep_first_layers(decoder, d.layers), item_dim, user_embedding, item_adapter=d.item_adapter, catalog=table[1:])
+    else:
+        dueg = IdDueg.fresh(d.kind, getattr(params, d.kind), n_items, item_dim, t.max_length, d.item_adapter, catalog=table[1:])
     config = MolarConfig(
-        n_items=table.shape[0] - 1, item_dim=table.shape[1], hidden_size=dueg.hidden_size, id_dim=id_dim,
-        max_length=t.max_length, similarity=t.similarity, logit_scale=t.logit_scale, item_adapter=params.dueg.item_adapter,
+        n_items=n_items, item_dim=item_dim, hidden_size=dueg.hidden_size, id_dim=id_dim,
+        max_length=t.max_length, similarity=t.similarity, logit_scale=t.logit_scale, item_adapter=d.item_adapter,
+        dueg_kind=d.kind,
     )
     return MolarModel(config, dueg, items, align_head_for(dueg.hidden_size, id_dim, params.align.project))
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from molar import losses
 from molar.evaluate import evaluate_scorer, frozen_scorer
+from molar.models.dueg import Dueg
 from molar.models.molar import MirmItems, MolarBatches, MolarModel, MolarObjective, ObjectiveSettings, StepLog
 from molar.recipes.id_models import NextItemBatches
 from molar.train import LoopSettings, fit, process_state
@@ -67,8 +68,10 @@ def train_molar(
         # the head gets no gradient: frozen, so a multi-process (DDP) run has no unused parameter
         model.align_head.requires_grad_(False)
     if t.gradient_checkpointing:
-        # non-reentrant checkpointing works with inputs_embeds that need no gradient
-        _checkpoint_activations(model.dueg.decoder)
+        # non-reentrant checkpointing works with inputs_embeds that need no gradient; an ID-model
+        # user model (dueg.kind other than llm) is small and has no transformers layers to checkpoint
+        if isinstance(model.dueg, Dueg):
+            _checkpoint_activations(model.dueg.decoder)
         if isinstance(model.items, MirmItems):
             _checkpoint_activations(getattr(model.items.mirm, "model", model.items.mirm))
 
