@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 OUT = Path("benchmarks/out/sasrec_ml1m")
@@ -40,32 +37,23 @@ def run_variant(params_path: Path, loss: str, threads: int, out_dir: Path) -> di
     import torch
 
     torch.set_num_threads(threads)
+    from benchmarks.ml1m import fit_record, load_split
     from molar.config import load_params
-    from molar.data.ingest import ingest
-    from molar.data.split import build_split
     from molar.evaluate import evaluate_scorer
     from molar.recipes.id_models import load_scorer, train_id_model
 
     params = load_params(params_path)
     sasrec = params.sasrec.model_copy(update={"loss": loss})
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        items, interactions, _ = ingest(params, Path(tmp), Path(tmp))
-    tables, stats = build_split(items, interactions, params.split)
-    n_items = tables["items"].height
-    train = tables["train"].sort("user_idx")["items"].to_list()
-    valid = tables["valid"].sort("user_idx")
-    test = tables["test"].sort("user_idx")
-    data_seconds = time.perf_counter() - started
-    print(f"[{loss}] data: {stats['users']:,} users, {n_items:,} items, {stats['rows_out']:,} interactions ({data_seconds:.1f}s)", flush=True)
+    data = load_split(params)
+    print(f"[{loss}] data: {data.stats['users']:,} users, {data.n_items:,} items, {data.stats['rows_out']:,} interactions ({data.seconds:.1f}s)", flush=True)
 
     model, result = train_id_model(
         "sasrec",
         sasrec,
-        train,
-        valid["history"].to_list(),
-        valid["target"].to_list(),
-        n_items,
+        data.train,
+        data.valid_histories,
+        data.valid_targets,
+        data.n_items,
         params.seed,
         state_dir=out_dir / "state",
         mask_history=params.eval.mask_history,
@@ -74,31 +62,15 @@ def run_variant(params_path: Path, loss: str, threads: int, out_dir: Path) -> di
     )
     metrics = evaluate_scorer(
         load_scorer(model),
-        test["history"].to_list(),
-        test["target"].to_list(),
-        n_items,
+        data.test_histories,
+        data.test_targets,
+        data.n_items,
         ks=params.eval.ks,
         mask_history=params.eval.mask_history,
         chunk_size=params.eval.user_chunk_size,
         progress=False,
     )
-    epoch_seconds = [r["seconds"] for r in result.history]
-    record = {
-        "loss": loss,
-        "test": metrics,
-        "best_valid_ndcg@10": result.best_metric,
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "stopped_early": result.stopped_early,
-        "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds),
-        "train_seconds": sum(epoch_seconds),
-        "resumed": result.resumed,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": threads,
-        "load_average_15min": os.getloadavg()[2],  # at the end; above ``threads``, other work shared the cores
-        "history": result.history,
-    }
-    return record
+    return {"loss": loss, "test": metrics, **fit_record(result, threads)}
 
 
 def main() -> None:

@@ -203,7 +203,10 @@ class AlignParams(Section):
 
 
 class DuegParams(Section):
-    kind: Literal["llm", IdModelName] = "llm"  # llm or any ID model of the registry (molar/models/id_dueg.py)
+    # llm or the sequence encoder of an ID model (molar/models/id_dueg.py): the paper's RQ2 set. Not
+    # duorec (SASRec's encoder; its contrastive term is a training recipe, not a user model) nor the
+    # content SASRecs (their item inputs are content already: MIRM's here)
+    kind: Literal["llm", "sasrec", "gru4rec", "fpmc"] = "llm"
     init: Literal["base", "mirm"] = "base"
     item_adapter: Literal["auto", "linear", "whiten"] = "whiten"
     layers: int = Field(0, ge=0)

@@ -177,8 +177,13 @@ def train_id_model(
     eval_chunk_size: int = 1024,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     desc: str | None = None,
+    on_validate: Callable[[SequentialRecommender], None] | None = None,
 ) -> tuple[SequentialRecommender, FitResult]:
-    """Train the registered ID model ``name`` on ``train`` sequences, select the epoch by validation NDCG@10 (resumable)."""
+    """Train the registered ID model ``name`` on ``train`` sequences, select the epoch by validation NDCG@10 (resumable).
+
+    ``on_validate(model)`` runs after each validation with the model as it is then (benchmarks use
+    it to follow test metrics over wall time); it never influences training or selection.
+    """
     model_class = id_model_class(name)
     torch.manual_seed(seed)
     model = model_class.from_params(n_items, params)
@@ -209,7 +214,7 @@ def train_id_model(
         return loss, logs
 
     def validate(m: SequentialRecommender) -> dict[str, float]:
-        return evaluate_scorer(
+        metrics = evaluate_scorer(
             load_scorer(m),
             valid_histories,
             valid_targets,
@@ -219,6 +224,9 @@ def train_id_model(
             chunk_size=eval_chunk_size,
             progress=False,
         )
+        if on_validate is not None:
+            on_validate(m)
+        return metrics
 
     key = run_key(
         name,
