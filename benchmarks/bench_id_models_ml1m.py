@@ -80,11 +80,12 @@ def run_model(params_path: Path, model: str, overrides: dict[str, object], threa
     from benchmarks.ml1m import fit_record, load_split
     from molar.config import load_params
     from molar.evaluate import evaluate_scorer
+    from molar.models.registry import id_model_section
     from molar.recipes.id_models import load_scorer, train_id_model
 
     wall_start = time.perf_counter()
     params = load_params(params_path)
-    base = getattr(params, model)  # the model's params section
+    base = id_model_section(params, model)
     section = base.model_validate({**base.model_dump(), **overrides})  # validated like a params file
     data = load_split(params)
     n_items = data.n_items

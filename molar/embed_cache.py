@@ -12,6 +12,9 @@ the prompt settings and the dtype: a new fine-tune or a changed prompt never reu
 Under ``accelerate launch`` every process embeds its share of the length-sorted chunks (round
 robin, so the work is balanced); the rows are summed across processes (each row is non-zero in
 exactly one, so the sum is exact) and the main process writes the file.
+
+``item_content_tables`` computes the content SASRecs' frozen item inputs (molar/item_content.py)
+with the same batching: text-only ``[Cur_Item]`` states and the vision tower's image features.
 """
 
 from __future__ import annotations
@@ -24,11 +27,18 @@ from pathlib import Path
 import polars as pl
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
 from molar.backbones import Backbone
-from molar.io import atomic_path
-from molar.models.mirm import PromptEncoder, embed_items, item_chunks, item_texts
+from molar.io import write_safetensors
+from molar.models.mirm import (
+    PromptEncoder,
+    cur_item_states,
+    embed_items,
+    image_states,
+    item_chunks,
+    item_texts,
+    make_encoder,
+)
 from molar.train import process_state
 
 TENSOR = "items"
@@ -69,12 +79,18 @@ def catalog_key(checkpoint: str, items: pl.DataFrame, encoder: PromptEncoder, dt
     return h.hexdigest()
 
 
-def embed_catalog(backbone: Backbone, encoder: PromptEncoder, items: pl.DataFrame, batch_size: int) -> torch.Tensor:
-    """[n_items + 1, d] float32 (row 0 zeros) on CPU; sharded across processes when several run."""
+def embed_catalog(
+    backbone: Backbone, encoder: PromptEncoder, items: pl.DataFrame, batch_size: int, states=cur_item_states
+) -> torch.Tensor:
+    """[n_items + 1, d] float32 (row 0 zeros) on CPU; sharded across processes when several run.
+
+    ``states``: what each item's vector is (``molar.models.mirm.embed_items``; default its ``[Cur_Item]`` state)."""
     state = process_state()
     texts = item_texts(items)
     chunks = item_chunks(encoder, texts, batch_size)
-    rows = embed_items(backbone, encoder, texts, batch_size, chunks=chunks[state.process_index :: state.num_processes])
+    rows = embed_items(
+        backbone, encoder, texts, batch_size, chunks=chunks[state.process_index :: state.num_processes], states=states
+    )
     if state.num_processes > 1:
         rows = rows.to(state.device)
         torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.SUM)
@@ -82,29 +98,10 @@ def embed_catalog(backbone: Backbone, encoder: PromptEncoder, items: pl.DataFram
     return torch.cat([torch.zeros(1, rows.shape[1]), rows])
 
 
-def _write_sorted_header(data: bytes, path: Path) -> None:
-    """Write the safetensors file ``data`` to ``path`` with its JSON header's keys sorted.
-
-    safetensors writes ``__metadata__`` from a hash map, so its key order (and the file's bytes)
-    changes from one write to the next; DVC hashes bytes, and would rerun every stage downstream of
-    an unchanged table. The header is re-serialized compactly, as safetensors does, and padded with
-    spaces to a multiple of 8 bytes (the alignment the format requires); the tensor bytes follow
-    unchanged, their offsets being relative to the end of the header.
-    """
-    n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    header += b" " * (-len(header) % 8)
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        f.write(memoryview(data)[8 + n :])  # no copy of the tensor bytes
-
-
 def save_catalog_embeddings(path: str | Path, table: torch.Tensor, key: str, checkpoint: str | Path) -> None:
     """Write the table (format in the module docstring) atomically, byte-identical for equal inputs."""
     metadata = {"key": key, "checkpoint": str(checkpoint), "n_items": str(table.shape[0] - 1), "hidden_size": str(table.shape[1])}
-    with atomic_path(path) as tmp:
-        _write_sorted_header(save({TENSOR: table.contiguous()}, metadata=metadata), tmp)
+    write_safetensors({TENSOR: table}, path, metadata)
 
 
 def load_catalog_embeddings(path: str | Path, key: str | None = None) -> torch.Tensor | None:
@@ -142,3 +139,25 @@ def cached_catalog_embeddings(
         save_catalog_embeddings(path, table, key, backbone.directory)
     state.wait_for_everyone()
     return table
+
+
+def item_content_tables(backbone: Backbone, mirm, source: str, items: pl.DataFrame) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tables of the item-content file (molar/item_content.py) for ``items``, and why there is no
+    ``image`` table (None when there is one).
+
+    ``text``: each item's ``[Cur_Item]`` state over its text-only prompt (MIRM's item embedding with
+    ``mirm.modalities: [text]``; the state that reads the whole prompt, where a mean over a causal
+    LM's token states would weigh the first tokens most). ``image``: the vision tower's features of
+    each item's image (``image_features``, mean-pooled), zero for an item without one; present when
+    the backbone has an image side and an item has an image. ``mirm``: the ``MirmParams`` (prompt
+    of ``source``, text budget, pixel budget via the backbone, batch size).
+    """
+    text = make_encoder(backbone, mirm.model_copy(update={"modalities": ["text"]}), source)
+    tables = {"text": embed_catalog(backbone, text, items, mirm.embed_batch_size)}
+    if not backbone.supports_images:
+        return tables, f"mirm.backbone {mirm.backbone} has no image side"
+    if items["image_path"].is_null().all():
+        return tables, "no item has an image"
+    image = make_encoder(backbone, mirm.model_copy(update={"modalities": ["image"]}), source)
+    tables["image"] = embed_catalog(backbone, image, items, mirm.embed_batch_size, states=image_states)
+    return tables, None

@@ -87,3 +87,27 @@ def write_json(obj, path: str | Path) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (name -> torch tensor) as one safetensors file, atomically and byte-identical
+    for equal inputs.
+
+    safetensors writes its JSON header (``__metadata__`` and the tensor entries) from a hash map, so
+    the key order, and the file's bytes, change from one write to the next; DVC hashes bytes, and
+    would rerun every stage downstream of an unchanged file. The header is re-serialized compactly,
+    as safetensors does, with its keys sorted, and padded with spaces to a multiple of 8 bytes (the
+    alignment the format requires); the tensor bytes follow unchanged, their offsets being relative
+    to the end of the header.
+    """
+    # torch loads here, not when a stage module is imported
+    from safetensors.torch import save
+
+    data = save({name: t.contiguous() for name, t in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(memoryview(data)[8 + n :])  # no copy of the tensor bytes

@@ -1,8 +1,10 @@
 """Train the ID model --model NAME (sasrec, ...) on the training split, pick the epoch by validation NDCG@10, save data/models/NAME/.
 
-Any model of molar/models/registry.py, built from its params section (NAME.*) and trained by the
-next-item recipe (molar/recipes/id_models.py). Resumable: killed at any point and rerun, it
-continues from data/state/train-NAME/ (a changed NAME.*, seed or data starts fresh). Writes the
+Any model of molar/models/registry.py, built from its params section (NAME.*, or the section
+registry.SECTIONS names: sasrec_content.* for the content SASRecs, which also read
+data/models/item-content.safetensors) and trained by the next-item recipe
+(molar/recipes/id_models.py). Resumable: killed at any point and rerun, it continues from
+data/state/train-NAME/ (a changed section, seed, data or item content starts fresh). Writes the
 training curve (metrics/NAME_train.csv: loss and validation metrics per epoch, for `dvc plots
 show`) and a summary (metrics/NAME_train.json).
 """
@@ -44,7 +46,7 @@ def main(params: Path = PARAMS_OPTION, model: str = MODEL_OPTION) -> None:
     import torch
 
     from molar.data.split import load_split
-    from molar.models.registry import id_model_class
+    from molar.models.registry import id_model_class, id_model_section
     from molar.recipes.id_models import train_id_model
     from molar.train import CHECKPOINT, process_state
 
@@ -53,7 +55,7 @@ def main(params: Path = PARAMS_OPTION, model: str = MODEL_OPTION) -> None:
         id_model_class(model)  # an unknown name fails before any output is touched
     model_dir, state_dir, curve, summary = outputs(model)
     prepare_outputs(model_dir, state_dir / CHECKPOINT, curve, summary)
-    section = getattr(cfg, model)
+    section = id_model_section(cfg, model)
     threads = use_threads(cfg)
     with user_errors():
         split = load_split(PROCESSED)

@@ -14,8 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from molar.errors import UserError
+from molar.item_content import ITEM_CONTENT, MODALITIES, save_item_content
 from molar.models import mirm, molar
-from molar.models.registry import ID_MODELS, load_id_model
+from molar.models.registry import ID_MODELS, SECTIONS, id_model_section, load_id_model
 from molar.models.sasrec import SASRec, SasrecConfig
 from stages import app
 
@@ -74,12 +75,15 @@ def test_model_files_import_no_training_code(source):
 
 
 @pytest.mark.parametrize("name", sorted(ID_MODELS))
-def test_every_id_model_round_trips_and_refuses_a_foreign_or_missing_checkpoint(name, tmp_path):
+def test_every_id_model_round_trips_and_refuses_a_foreign_or_missing_checkpoint(name, tmp_path, monkeypatch):
     from molar.config import Params
 
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)  # the item-content file the content SASRecs are built from, for 12 items
+    save_item_content(ITEM_CONTENT, {m: torch.randn(13, 5) for m in MODALITIES}, {"n_items": "12"})
     cls = ID_MODELS[name]
     torch.manual_seed(0)
-    model = cls.from_params(12, getattr(Params(), name)).eval()  # built from its default section
+    model = cls.from_params(12, id_model_section(Params(), name)).eval()  # built from its default section
     with pytest.raises(FileNotFoundError, match="no ID-model checkpoint"):
         cls.from_pretrained(tmp_path / "missing")
     model.save_pretrained(tmp_path / name)
@@ -104,7 +108,34 @@ def test_every_registered_model_has_its_name_section_and_training_stage():
     from molar.config import IdModelName, Params
 
     assert set(get_args(IdModelName)) == set(ID_MODELS)
-    assert set(ID_MODELS) <= set(Params.model_fields)
+    assert {SECTIONS.get(name, name) for name in ID_MODELS} <= set(Params.model_fields)
     train_vars = YAML(typ="safe").load((Path(__file__).resolve().parents[1] / "train" / "dvc.yaml").read_text())["vars"]
     id_models = next(v["id_models"] for v in train_vars if isinstance(v, dict) and "id_models" in v)
     assert sorted(id_models) == sorted(ID_MODELS)
+
+
+def test_every_id_model_reads_a_section_of_params():
+    from molar.config import IdModelParams, Params
+
+    assert set(SECTIONS) <= set(ID_MODELS)
+    for name in ID_MODELS:
+        assert isinstance(id_model_section(Params(), name), IdModelParams), name
+    assert id_model_section(Params(), "sasrec-image") is Params().sasrec_content
+    with pytest.raises(UserError, match="'nope' is not an ID model"):
+        id_model_section(Params(), "nope")
+
+
+def test_each_train_id_stage_reads_its_models_section_and_item_inputs():
+    """train/dvc.yaml's id_models repeat the registry's names and sections (DVC cannot import them):
+    each train-id@NAME stage depends on the section NAME reads and, for a content model, on the item-content file."""
+    from dvc_project import dvc_stages  # tests/dvc_project.py
+
+    from molar.models.content_sasrec import ContentSASRec
+
+    stages = {s.name.partition("@")[2]: s for s in dvc_stages() if s.name.startswith("train-id@")}
+    assert set(stages) == set(ID_MODELS)
+    for name, stage in stages.items():
+        params = {key for dep in stage.deps if hasattr(dep, "params") for key in dep.params}
+        assert SECTIONS.get(name, name) in params, (name, params)
+        reads_content = str(ITEM_CONTENT) in {dep.def_path for dep in stage.deps}
+        assert reads_content == issubclass(ID_MODELS[name], ContentSASRec), name

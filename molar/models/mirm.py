@@ -21,14 +21,16 @@ without an image keeps its title (else every such item would embed to the same v
 Entry points: ``make_encoder(backbone, mirm_params, data_source)`` -> ``PromptEncoder``;
 ``embed_items(backbone, encoder, item_texts(items_df), batch_size)`` -> [n, d] (no gradients);
 ``ItemEmbedder(model)(encoder.collate(encoder.encode_items(texts)))`` -> [B, d] (differentiable,
-for training MIRM end to end); the train-mirm recipe (``finetune``) is molar/recipes/mirm.py; the
-catalog table with row 0 = padding lives in molar/embed_cache.py.
+for training MIRM end to end); ``image_features(model, batch)`` -> [n_images, d], the image side
+alone (the vision tower, mean-pooled per image; content SASRec's image input); the train-mirm
+recipe (``finetune``) is molar/recipes/mirm.py; the catalog table with row 0 = padding lives in
+molar/embed_cache.py.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,6 +414,30 @@ def cur_item_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["cur_positions"]]
 
 
+def image_features(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One vector per image of a collated batch [n_images, d], in the batch's image order: the
+    vision tower's output for the image (Qwen2-VL: its merged patch embeddings, already in the
+    LLM's width), mean-pooled over the image's patches. MIRM's image side in one place: a
+    backbone with another image encoder plugs in here."""
+    per_image = _hf_model(model).get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    return torch.stack([patches.float().mean(0) for patches in per_image])
+
+
+def image_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per prompt of a collated batch of item prompts, its image's ``image_features`` [B, d]; zeros
+    for a prompt without an image (an item prompt shows at most one). The text is not run."""
+    width = _hf_model(model).get_input_embeddings().embedding_dim
+    out = torch.zeros(batch["input_ids"].shape[0], width, device=batch["input_ids"].device)
+    if "pixel_values" not in batch:
+        return out
+    with_image = batch["mm_token_type_ids"].bool().any(1)
+    features = image_features(model, batch)
+    if features.shape[0] != int(with_image.sum()):
+        raise ValueError(f"{features.shape[0]} images in a batch of {int(with_image.sum())} prompts with one; an item prompt shows one image")
+    out[with_image] = features.to(out.dtype)
+    return out
+
+
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens only (labels != IGNORE_INDEX).
 
@@ -497,6 +523,7 @@ def embed_items(
     batch_size: int,
     chunks: Sequence[Sequence[int]] | None = None,
     model: torch.nn.Module | None = None,
+    states: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = cur_item_states,
 ) -> torch.Tensor:
     """Item embeddings [len(items), hidden_size] (float32, CPU), in the order of ``items``.
 
@@ -505,6 +532,8 @@ def embed_items(
     sorts, pads and image-processes chunk k + 1 while the model runs on chunk k (tokenizers, PIL
     and torch release the GIL), so preparing the input costs little beyond the forward passes.
     ``model``: defaults to ``backbone.model`` (pass a wrapped or fine-tuned copy to embed with it).
+    ``states``: (model, batch) -> [B, hidden_size], the vector of each prompt (default its
+    ``[Cur_Item]`` state; ``image_states`` for the vision tower's features of its image).
     """
     model = backbone.model if model is None else model
     model.eval()
@@ -517,7 +546,7 @@ def embed_items(
     def run(prepared: list[tuple[list[int], dict[str, torch.Tensor]]]) -> None:
         for idx, batch in prepared:
             batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
-            out[idx] = cur_item_states(model, batch).float().cpu()
+            out[idx] = states(model, batch).float().cpu()
 
     if device.type == "cpu":
         # On CPU the model already keeps every core busy: a preparing thread would only preempt

@@ -47,6 +47,18 @@ class SasrecConfig:
             raise ValueError(f"SASRec needs a catalog of at least one item (n_items={self.n_items})")
 
 
+def config_fields(n_items: int, params) -> dict:
+    """``SasrecConfig`` fields from a params section with SASRec's keys (``sasrec``, ``sasrec_content``)."""
+    return {
+        "n_items": n_items,
+        "hidden_size": params.hidden_size,
+        "num_blocks": params.num_blocks,
+        "num_heads": params.num_heads,
+        "dropout": params.dropout,
+        "max_length": params.max_length,
+    }
+
+
 class _CausalSelfAttention(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -80,12 +92,15 @@ class SASRec(SequentialRecommender):
     CHECKPOINT_NAME: ClassVar[str] = NAME
     CONFIG: ClassVar[type[SasrecConfig]] = SasrecConfig
 
-    def __init__(self, config: SasrecConfig) -> None:
+    def __init__(self, config: SasrecConfig, item_table: bool = True) -> None:
+        """``item_table=False``: the encoder without the ID table, for a subclass with its own
+        ``input_vectors`` / ``item_embeddings`` (content SASRec, molar/models/content_sasrec.py)."""
         super().__init__()
         self.config = config
         self.n_items, self.max_length = config.n_items, config.max_length
         d = config.hidden_size
-        self.item_emb = nn.Embedding(config.n_items + 1, d, padding_idx=0)
+        if item_table:
+            self.item_emb = nn.Embedding(config.n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_length + 1, d, padding_idx=0)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(_Block(d, config.num_heads, config.dropout) for _ in range(config.num_blocks))
@@ -97,7 +112,8 @@ class SASRec(SequentialRecommender):
             elif "norm" not in name:
                 nn.init.zeros_(p)
         with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+            if item_table:
+                self.item_emb.weight[0].zero_()
             self.pos_emb.weight[0].zero_()
 
     def input_vectors(self, padded: torch.Tensor) -> torch.Tensor:
@@ -127,16 +143,7 @@ class SASRec(SequentialRecommender):
     @classmethod
     def from_params(cls, n_items: int, params) -> "SASRec":  # params: molar.config.SasrecParams
         """A fresh, randomly initialised SASRec (from torch's global RNG) for the ``sasrec`` section."""
-        return cls(
-            SasrecConfig(
-                n_items=n_items,
-                hidden_size=params.hidden_size,
-                num_blocks=params.num_blocks,
-                num_heads=params.num_heads,
-                dropout=params.dropout,
-                max_length=params.max_length,
-            )
-        )
+        return cls(SasrecConfig(**config_fields(n_items, params)))
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (atomically, as a whole)."""

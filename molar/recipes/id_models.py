@@ -237,6 +237,7 @@ def train_id_model(
         sequences_fingerprint(train),
         sequences_fingerprint(valid_histories),
         list(valid_targets),
+        *(buffer for _, buffer in sorted(model.named_buffers())),  # frozen inputs, e.g. content SASRec's item table
     )
     result = fit(
         model,

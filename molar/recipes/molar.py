@@ -15,6 +15,7 @@ from molar import losses
 from molar.evaluate import evaluate_scorer, frozen_scorer
 from molar.models.dueg import Dueg
 from molar.models.molar import MirmItems, MolarBatches, MolarModel, MolarObjective, ObjectiveSettings, StepLog
+from molar.models.registry import id_model_section
 from molar.recipes.id_models import NextItemBatches
 from molar.train import LoopSettings, fit, process_state
 
@@ -82,7 +83,7 @@ def train_molar(
     id_loss = None
     if a.train_id_model:
         model.id_model = id_model.train().requires_grad_(True)  # a submodule: optimised and checkpointed
-        s = getattr(params, a.id_model)  # its own next-item loss, as train-id trains it
+        s = id_model_section(params, a.id_model)  # its own next-item loss, as train-id trains it
 
         def id_loss(hidden: torch.Tensor, targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
             return losses.next_item_loss(s.loss, hidden, targets, items, s.num_negatives)
