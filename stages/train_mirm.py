@@ -53,6 +53,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
             image_min_pixels=mirm.image_min_pixels,
             image_max_pixels=mirm.image_max_pixels,
             trust_remote_code=mirm.trust_remote_code,
+            image_encoder=mirm.image_encoder,
+            image_tokens=mirm.image_tokens,
         )
         with state.main_process_first():  # the first process builds/converts a preset; the others reuse it
             # Training keeps float32 master weights (bf16/fp16 become mixed precision in the loop).

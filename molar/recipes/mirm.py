@@ -13,13 +13,14 @@ import torch
 
 from molar.backbones import Backbone
 from molar.errors import UserError
-from molar.models.mirm import Encoded, PromptEncoder, SftModel
+from molar.models.mirm import Encoded, PromptEncoder, SftModel, image_side
 from molar.train import LoopSettings, epoch_rng, fit, process_state, shard, shard_len
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 # LoRA goes on the language model's attention and MLP projections (Qwen2-VL's vision blocks name
-# theirs qkv/proj/fc1/fc2, so the vision tower stays frozen as in the paper's setting).
+# theirs qkv/proj/fc1/fc2, so the vision tower stays frozen as in the paper's setting; the
+# projector of smollm2-135m+mobilenet, linear_1/linear_2, stays fully trainable: it starts random).
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _BUCKET = 50  # batches whose examples are length-sorted together (less padding, still shuffled)
 
@@ -99,11 +100,13 @@ def finetune(
     state = process_state()
     batches = SftBatches(encoder, encoded, params.batch_size, seed, state.process_index, state.num_processes)
     model = backbone.model
-    visual = getattr(model.base_model, "visual", None)
-    if visual is not None and "image" not in params.modalities:
-        visual.requires_grad_(False)  # never used without images: no gradients, no optimizer state
+    side = image_side(model)
+    if side is not None and "image" not in params.modalities:
+        side.requires_grad_(False)  # never used without images: no gradients, no optimizer state
     if params.finetune == "lora":
         model = add_lora(model, params.lora_r, params.lora_alpha, params.lora_dropout)
+        if backbone.image_features is not None and "image" in params.modalities:
+            side.requires_grad_(True)  # a fresh projector: LoRA's freezing would leave it random
     settings = LoopSettings.from_section(
         params, seed, mixed_precision={"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[params.dtype]
     )
