@@ -293,6 +293,63 @@ def test_text_only_finetune_leaves_the_projector(checkpoint, cache, images, tmp_
         torch.testing.assert_close(v, projector[k])
 
 
+def changed_keys(before: dict, model) -> set[str]:
+    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_staged_first_stage_trains_the_projector_only(checkpoint, cache, images, tmp_path):
+    """IT examples with an image: the LLM stays frozen, the projector learns (the IT loss goes down)."""
+    work = load(checkpoint, cache)
+    enc = encoder(work, images)
+    it = SFT.filter(pl.col("task") == "IT")
+    batch = enc.collate([enc.encode_sft(r["prompt"], r["image_paths"], r["target"]) for r in it.iter_rows(named=True)])
+    before = {k: v.clone() for k, v in work.model.state_dict().items()}
+    with torch.no_grad():
+        loss_before = float(sft_loss(work.model, batch))
+    params = MirmParams(finetune="staged", projector_lr=5e-2, epochs=8, batch_size=2, warmup_ratio=0.0)
+    result = finetune(work, enc, it, params, seed=0, state_dir=tmp_path / "state", run_key="it")
+    assert changed_keys(before, work.model) == {f"model.projector.{n}" for n in
+                                                 ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")}
+    with torch.no_grad():  # a random 2-layer LLM caps what 2 soft tokens can do: ~0.02 of 6.67 here
+        assert float(sft_loss(work.model, batch)) < loss_before - 0.01
+    assert {r["stage"] for r in result.history} == {1} and result.steps == 8
+
+
+def test_staged_runs_both_stages_and_resumes(checkpoint, cache, images, tmp_path):
+    work = load(checkpoint, cache)
+    enc = encoder(work, images)
+    examples = pl.concat([SFT, pl.DataFrame({"task": ["IT"], "prompt": ["Item: Green Mug\nDescribe."],
+                                             "image_paths": [[]], "target": ["A green mug."]})])
+    before = {k: v.clone() for k, v in work.model.state_dict().items()}
+    params = MirmParams(finetune="staged", epochs=2, batch_size=2, warmup_ratio=0.0, lora_dropout=0.0)
+    result = finetune(work, enc, examples, params, seed=0, state_dir=tmp_path / "state", run_key="staged")
+    # stage 1: the two IT examples with an image; stage 2: UB, SA and the IT example without one
+    assert result.extra["stage_examples"] == {"1": 2, "2": 3}
+    assert [(r["stage"], r["epoch"]) for r in result.history] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert result.steps == 2 + 4 and not hasattr(work.model, "peft_config")  # LoRA merged
+    changed = changed_keys(before, work.model)
+    assert "model.projector.linear_2.weight" in changed and any("q_proj" in k for k in changed)
+    assert "model.language_model.embed_tokens.weight" not in changed and not any("norm" in k for k in changed)
+    weights = {k: v.clone() for k, v in work.model.state_dict().items()}
+
+    again = load(checkpoint, cache)  # a rerun of the finished stages returns them as they were
+    replay = finetune(again, encoder(again, images), examples, params, seed=0, state_dir=tmp_path / "state",
+                      run_key="staged")
+    assert replay.resumed and not changed_keys(weights, again.model)
+
+
+def test_staged_needs_a_projector_and_images(checkpoint, cache, images, tmp_path):
+    from molar.config import ParamsError, parse_params
+    from molar.errors import UserError
+
+    with pytest.raises(ParamsError, match="staged trains the projector"):
+        parse_params("mirm:\n  finetune: staged\n  modalities: [text]\n")
+    text = load(checkpoint, cache, modalities=["text"])
+    with pytest.raises(UserError, match="staged trains a projector first"):
+        finetune(text, encoder(text, images, modalities=["text"]), SFT, MirmParams(finetune="staged"), seed=0,
+                 state_dir=tmp_path / "state", run_key="x")
+
+
 def test_save_and_load_give_identical_item_embeddings(backbone, checkpoint, cache, images, tmp_path):
     backbone.save(tmp_path / "saved")
     assert json.loads((tmp_path / "saved" / ENCODER_FILE).read_text())["kind"] == POOLED_PIXELS
