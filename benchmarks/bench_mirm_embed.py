@@ -6,7 +6,9 @@
 
 Items: MovieLens-1M movies (../shared/data/ml-1m/movies.dat, read by the pipeline's movielens
 reader: title, genres and year), with the pipeline's ``movielens`` prompt; ``--images`` adds the
-posters (``posters/<MovieID>.jpg``) for Qwen2-VL backbones.
+posters (``posters/<MovieID>.jpg``) for Qwen2-VL backbones and ``smollm2-135m+mobilenet`` (its
+MobileNet features from the default ``mirm.image_encoder``, cached per poster under ~/.cache/molar:
+only the first run of a poster pays for the extractor).
 
 - real: ``molar.models.mirm.embed_items`` from item texts to the [n, d] table: chunking by
   estimated length, tokenising, sorting, padding, reading and resizing images, the forward passes
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> dict:
         device=args.device,
         image_min_pixels=mirm.image_min_pixels,
         image_max_pixels=mirm.image_max_pixels,
+        image_encoder=mirm.image_encoder,
+        image_tokens=mirm.image_tokens,
     )
     encoder = make_encoder(backbone, mirm, "movielens", image_root="/")
     texts = item_texts(items)
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="tiny-qwen2-vl", help="preset, checkpoint directory or cached hub id")
     parser.add_argument("--data", default=str(ML1M), help="MovieLens-1M folder (movies.dat, posters/)")
-    parser.add_argument("--images", action="store_true", help="show the posters (Qwen2-VL backbones only)")
+    parser.add_argument("--images", action="store_true", help="show the posters (Qwen2-VL backbones, smollm2-135m+mobilenet)")
     parser.add_argument("--n-items", type=int, default=None, help="first N movies only (default: all 3,883)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

@@ -75,13 +75,16 @@ DEFAULT_PROMPTS = {
 class MirmParams(Section):
     backbone: str = "tiny-qwen2-vl"
     modalities: list[Literal["text", "image"]] = ["text", "image"]
-    finetune: Literal["full", "lora", "none"] = "full"
+    finetune: Literal["full", "lora", "staged", "none"] = "full"
     prompts: dict[str, str] = DEFAULT_PROMPTS
     image_min_pixels: int = Field(28 * 28, ge=28 * 28)
     image_max_pixels: int = Field(56 * 56, ge=28 * 28)
+    image_encoder: str = "../shared/models/coral-mobilenet/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+    image_tokens: int = Field(4, ge=1, le=256)
     max_text_tokens: int = Field(96, ge=8)
     sft_max_tokens: int = Field(384, ge=32)
     lr: float = Field(1e-3, gt=0.0)
+    projector_lr: float = Field(1e-3, gt=0.0)
     warmup_start_factor: float = Field(0.01, gt=0.0, le=1.0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     epochs: int = Field(3, ge=1)
@@ -105,6 +108,13 @@ class MirmParams(Section):
         if len(set(v)) != len(v):
             raise ValueError("lists a modality twice")
         return v
+
+    @model_validator(mode="after")
+    def _staged_needs_images(self) -> MirmParams:
+        if self.finetune == "staged" and "image" not in self.modalities:
+            raise ValueError("finetune: staged trains the projector on images first; add image to modalities "
+                             "or use full / lora")
+        return self
 
     @field_validator("prompts")
     @classmethod

@@ -75,6 +75,8 @@ def catalog_key(checkpoint: str, items: pl.DataFrame, encoder: PromptEncoder, dt
         "pixels": dict(encoder.backbone.image_processor.size) if encoder.backbone.image_processor is not None else None,
         "dtype": dtype,
     }
+    if encoder.backbone.image_features is not None:  # frozen features: which extractor made them
+        settings["image_encoder"] = encoder.backbone.image_features.identity
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

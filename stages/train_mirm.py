@@ -1,4 +1,4 @@
-"""Fine-tune MIRM on the SFT mixture (mirm.finetune: full | lora | none), save it, embed the catalog.
+"""Fine-tune MIRM on the SFT mixture (mirm.finetune: full | lora | staged | none), save it, embed the catalog.
 
 Outputs: data/models/mirm/ (a checkpoint directory `from_pretrained` loads: LoRA is merged into
 the weights; with finetune: none, the base checkpoint plus the [Cur_Item]/[User] tokens),
@@ -53,6 +53,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
             image_min_pixels=mirm.image_min_pixels,
             image_max_pixels=mirm.image_max_pixels,
             trust_remote_code=mirm.trust_remote_code,
+            image_encoder=mirm.image_encoder,
+            image_tokens=mirm.image_tokens,
         )
         with state.main_process_first():  # the first process builds/converts a preset; the others reuse it
             # Training keeps float32 master weights (bf16/fp16 become mixed precision in the loop).
@@ -61,7 +63,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         base_key = checkpoint_key(backbone.directory)
         # Written beside the weights: what this checkpoint is (deterministic, no timings).
         card = {"base": mirm.backbone, "base_checkpoint_sha256": base_key, "finetune": mirm.finetune,
-                "modalities": mirm.modalities, "lora": "merged into the weights" if mirm.finetune == "lora" else None}
+                "modalities": mirm.modalities, "lora": "merged into the weights" if mirm.finetune in ("lora", "staged") else None}
         record: dict = dict(card)
         if training:
             examples = pl.read_parquet(require_input(SFT_DATA, "sft-data"))

@@ -69,7 +69,8 @@ def main(params: Path = PARAMS_OPTION) -> None:
         if not (MIRM_DIR / "config.json").exists():
             raise MissingInputError(f"{MIRM_DIR}: no MIRM checkpoint; run `molar train-mirm` first")
         load = dict(modalities=mirm.modalities, image_min_pixels=mirm.image_min_pixels,
-                    image_max_pixels=mirm.image_max_pixels, trust_remote_code=mirm.trust_remote_code)
+                    image_max_pixels=mirm.image_max_pixels, trust_remote_code=mirm.trust_remote_code,
+                    image_encoder=mirm.image_encoder, image_tokens=mirm.image_tokens)
         # end to end, MIRM trains in float32 master weights (mixed precision comes from the loop)
         mirm_bb = load_backbone(MIRM_DIR, dtype="float32" if t.mirm_trainable else mirm.dtype, **load)
         encoder = make_encoder(mirm_bb, mirm, cfg.data.source)

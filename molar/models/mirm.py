@@ -7,9 +7,10 @@ SFT examples (molar/sft.py) into ChatML token ids with labels on the answer only
 
 Token assembly is done here rather than by a processor, so that:
 - ``{image}`` becomes ``<|vision_start|>`` + n x ``<|image_pad|>`` + ``<|vision_end|>`` with
-  n = patches / merge_size**2 of the resized image (what Qwen2VLProcessor inserts), and is never
-  truncated: the ``max_text_tokens`` budget applies to the text fields only, cutting the longest
-  field first;
+  n = patches / merge_size**2 of the resized image (what Qwen2VLProcessor inserts), or, on a
+  backbone over frozen image features (``smollm2-135m+mobilenet``), ``mirm.image_tokens`` x
+  ``<|image_pad|>`` that the projector's soft tokens replace; it is never truncated: the
+  ``max_text_tokens`` budget applies to the text fields only, cutting the longest field first;
 - a template line whose placeholders are all empty (no description, no image, a modality that is
   switched off) is dropped instead of leaving a dangling label;
 - batches are padded on either side with positions that follow the real tokens only, so an item
@@ -85,7 +86,7 @@ def input_report(items: pl.DataFrame, backbone: str, modalities: Sequence[str], 
     modality of ``mirm.modalities`` that no item has (images asked for on ml-100k, which has none).
     Returns ``{"items_with_image", "items_with_text", "missing_modalities", "warnings"}``.
     """
-    from molar.backbones import SMOLLM2_135M, TINY_QWEN2_VL
+    from molar.backbones import SMOLLM2_135M, SMOLLM2_MOBILENET, TINY_QWEN2_VL
 
     texts = item_texts(items)
     present = {
@@ -98,7 +99,8 @@ def input_report(items: pl.DataFrame, backbone: str, modalities: Sequence[str], 
         warnings.append(
             f"mirm.backbone {TINY_QWEN2_VL} is a random-init model built for the synthetic default; on "
             f"data.source {source} its item embeddings carry little meaning. Use a pretrained one: "
-            f"{SMOLLM2_135M} (text) or a Qwen2-VL checkpoint directory (README: Real backbones)"
+            f"{SMOLLM2_135M} (text), {SMOLLM2_MOBILENET} (text and images) or a Qwen2-VL checkpoint directory "
+            "(README: Real backbones)"
         )
     for modality in missing:
         warnings.append(
@@ -217,7 +219,10 @@ class PromptEncoder:
         return w, h
 
     def image_token_count(self, path: str) -> int:
-        """Pad tokens the image at ``path`` becomes after resizing to the pixel budget (header read only)."""
+        """Pad tokens the image at ``path`` becomes after resizing to the pixel budget (header read only);
+        on a feature backbone, its fixed soft tokens per image."""
+        if self.backbone.image_features is not None:
+            return self.backbone.image_features.tokens
         if path not in self._image_token_cache:
             from PIL import Image
 
@@ -244,7 +249,8 @@ class PromptEncoder:
 
     def _image_span(self, n_tokens: int) -> list[int]:
         s = self.special
-        return [s.vision_start] + [s.image] * n_tokens + [s.vision_end]
+        markers = s.vision_start is not None  # Qwen2-VL brackets the pads; a feature backbone has none
+        return ([s.vision_start] if markers else []) + [s.image] * n_tokens + ([s.vision_end] if markers else [])
 
     # --------------------------------------------------------------------------- items
     def encode_items(self, items: Sequence[ItemText]) -> list[Encoded]:
@@ -320,7 +326,8 @@ class PromptEncoder:
             head, mid, tail = self._ids("User: "), self._ids("\nAssistant: "), [self.special.eos]
         text_ids = self._batch_ids(pieces)
         answer = self._ids_uncached(target)[: self.max_text_tokens] + tail
-        spans = [self._image_span(self.image_token_count(p)) if self.use_image else [] for p in image_paths]
+        counts = [self.image_token_count(p) for p in image_paths] if self.use_image else []
+        spans = [self._image_span(n) for n in counts] if self.use_image else [[] for _ in image_paths]
         fixed = len(head) + len(mid) + len(answer) + sum(map(len, spans))
         caps = water_fill([len(t) for t in text_ids], max(0, self.sft_max_tokens - fixed))
         prompt_ids = list(head)
@@ -330,7 +337,6 @@ class PromptEncoder:
                 prompt_ids += spans[j]
         prompt_ids += mid
         shown = list(image_paths) if self.use_image else []
-        counts = [len(s) - 2 for s in spans] if self.use_image else []
         return Encoded(
             prompt_ids + answer,
             shown,
@@ -347,7 +353,8 @@ class PromptEncoder:
 
         Returns input_ids, attention_mask, cur_positions (index of each prompt's last real token,
         ``[Cur_Item]`` for items), labels (SFT), and, with images, pixel_values, image_grid_thw and
-        mm_token_type_ids (1 on image pads; Qwen2-VL's M-RoPE needs it). Without images it also
+        mm_token_type_ids (1 on image pads; Qwen2-VL's M-RoPE needs it), or image_features
+        ``[n_images, dim]`` on a feature backbone. Unless Qwen2-VL's M-RoPE places them, it also
         returns position_ids, so left padding does not shift positions.
         """
         if pad_side not in ("left", "right"):
@@ -372,10 +379,12 @@ class PromptEncoder:
         if labels is not None:
             out["labels"] = labels
         paths = [p for e in encoded for p in e.images]
-        if paths:
+        if paths and self.backbone.image_features is not None:
+            out["image_features"] = self.backbone.image_features([self._image_file(p) for p in paths])
+        elif paths:
             out.update(self._pixels(paths, [n for e in encoded for n in e.image_tokens]))
             out["mm_token_type_ids"] = (input_ids == self.special.image).long()
-        else:
+        if "mm_token_type_ids" not in out:
             out["position_ids"] = (attention.cumsum(-1) - 1).clamp(min=0)
         return out
 
@@ -405,7 +414,19 @@ def hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
             image_grid_thw=batch["image_grid_thw"],
             mm_token_type_ids=batch["mm_token_type_ids"],
         )
+    if "image_features" in batch:
+        inputs["image_features"] = batch["image_features"]
     return inner(**inputs, use_cache=False).last_hidden_state
+
+
+def image_side(model: torch.nn.Module) -> torch.nn.Module | None:
+    """What turns images into LLM inputs: Qwen2-VL's vision tower, or the projector of a feature backbone."""
+    base = _hf_model(model).base_model
+    for name in ("visual", "projector"):
+        module = getattr(base, name, None)
+        if module is not None:
+            return module
+    return None
 
 
 def cur_item_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -467,21 +488,21 @@ class ItemEmbedder(torch.nn.Module):
 class SftModel(torch.nn.Module):
     """``forward(batch) -> loss``: the causal-LM fine-tuning objective as one module (for ``fit``/DDP).
 
-    A batch without images leaves the vision tower out of the graph, and DistributedDataParallel
-    (``accelerate launch``) refuses parameters that receive no gradient. Such batches add
-    0 x (sum of the trainable vision weights): the loss value is unchanged and every process
-    reduces the same set of gradients (zeros for the tower).
+    A batch without images leaves the vision tower (or projector) out of the graph, and
+    DistributedDataParallel (``accelerate launch``) refuses parameters that receive no gradient.
+    Such batches add 0 x (sum of the trainable image-side weights): the loss value is unchanged and
+    every process reduces the same set of gradients (zeros for the tower).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
-        visual = getattr(_hf_model(model).base_model, "visual", None)
-        self._vision = [p for p in visual.parameters() if p.requires_grad] if visual is not None else []
+        side = image_side(model)
+        self._vision = [p for p in side.parameters() if p.requires_grad] if side is not None else []
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = sft_loss(self.model, batch)
-        if self._vision and "pixel_values" not in batch:
+        if self._vision and "pixel_values" not in batch and "image_features" not in batch:
             loss = loss + 0.0 * sum(p.sum() for p in self._vision)
         return loss
 
