@@ -42,6 +42,7 @@ from molar.models.mirm import (
     PromptEncoder,
     cur_item_states,
     embed_items,
+    image_states,
     sft_loss,
 )
 from molar.recipes.mirm import finetune
@@ -250,6 +251,18 @@ def test_modalities_give_different_finite_vectors(backbone, images):
     a, b, c = (tables[m][with_image] for m in tables)
     for x, y in ((a, b), (a, c), (b, c)):
         assert (x - y).norm(dim=1).min() > 1e-4
+
+
+def test_image_states_are_the_frozen_encoders_features(backbone, images):
+    """The content SASRecs' image table (molar/models/mirm.py:image_states) on this backbone: the
+    frozen encoder's own features of each item's image (not the projector's), zero without one."""
+    enc = encoder(backbone, images, modalities=("image",))
+    batch = enc.collate(enc.encode_items(ITEMS))
+    states = image_states(backbone.model, batch)
+    expected = torch.from_numpy(np.stack([PooledPixels().encode(Image.open(images / name)) for name in ("red.png", "blue.png", "half.png")]))
+    assert states.shape == (len(ITEMS), 1024)
+    torch.testing.assert_close(states[[0, 1, 3]], expected)
+    assert (states[2] == 0).all()  # Green Mug has no image
 
 
 SFT = pl.DataFrame(

@@ -436,10 +436,12 @@ def cur_item_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 
 def image_features(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One vector per image of a collated batch [n_images, d], in the batch's image order: the
-    vision tower's output for the image (Qwen2-VL: its merged patch embeddings, already in the
-    LLM's width), mean-pooled over the image's patches. MIRM's image side in one place: a
-    backbone with another image encoder plugs in here."""
+    """One vector per image of a collated batch [n_images, d], in the batch's image order. MIRM's
+    image side in one place: a backbone over a frozen image encoder (smollm2-135m+mobilenet) gives
+    that encoder's features (the batch carries them); Qwen2-VL gives its vision tower's output for
+    the image (its merged patch embeddings, already in the LLM's width), mean-pooled over patches."""
+    if "image_features" in batch:
+        return batch["image_features"].float()
     per_image = _hf_model(model).get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
     return torch.stack([patches.float().mean(0) for patches in per_image])
 
@@ -447,11 +449,16 @@ def image_features(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 def image_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per prompt of a collated batch of item prompts, its image's ``image_features`` [B, d]; zeros
     for a prompt without an image (an item prompt shows at most one). The text is not run."""
-    width = _hf_model(model).get_input_embeddings().embedding_dim
+    config = _hf_model(model).config
+    feature_dim = getattr(config, "image_feature_dim", None)  # a frozen image encoder's width
+    width = feature_dim or _hf_model(model).get_input_embeddings().embedding_dim
     out = torch.zeros(batch["input_ids"].shape[0], width, device=batch["input_ids"].device)
-    if "pixel_values" not in batch:
+    if "pixel_values" not in batch and "image_features" not in batch:
         return out
-    with_image = batch["mm_token_type_ids"].bool().any(1)
+    if "mm_token_type_ids" in batch:
+        with_image = batch["mm_token_type_ids"].bool().any(1)
+    else:  # soft image tokens stand at the image token's positions
+        with_image = (batch["input_ids"] == config.image_token_id).any(1)
     features = image_features(model, batch)
     if features.shape[0] != int(with_image.sum()):
         raise ValueError(f"{features.shape[0]} images in a batch of {int(with_image.sum())} prompts with one; an item prompt shows one image")
