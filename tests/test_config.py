@@ -81,7 +81,7 @@ def test_largest_seed_every_seeded_library_takes_is_allowed():
     torch.manual_seed(seed)
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-ml1m.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "params-ml1m.yaml", "params-ml1m-fast.yaml"])
 def test_params_survive_dvcs_rewrite(tmp_path, name):
     """`dvc exp run -S align.alpha=0.5` rewrites the whole file in its own style (block lists,
     "no" unquoted): every other value must keep its meaning."""
