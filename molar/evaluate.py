@@ -22,7 +22,8 @@ so they never count), the target score written back, and the tile compared in pl
 (``tile >= target`` as 0/1 floats) and summed per row.
 Metrics accumulate as integer counts per rank below max(K), so every chunk size gives
 bit-identical results. Memory: one tile + the chunk's score rows (scorer path) + the chunk's
-mask indices, independent of the number of users.
+mask indices, plus one 8-byte rank per user on the scorer path (``scorer_ranks`` keeps them for
+the per-user metrics, :func:`per_user_metrics`, that the significance tests compare).
 """
 
 from __future__ import annotations
@@ -127,7 +128,25 @@ def evaluate_scorer(
     chunk_size: int = 1024,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Full-catalog metrics of a model given as ``score_fn``, streamed over user chunks.
+    """Full-catalog metrics of a model given as ``score_fn``: :func:`metrics_from_ranks` of
+    :func:`scorer_ranks` (same arguments)."""
+    ks = _check_ks(ks)  # before any scoring
+    return metrics_from_ranks(scorer_ranks(score_fn, histories, targets, n_items, mask_history, chunk_size, progress), ks)
+
+
+def scorer_ranks(
+    score_fn: ScoreFn,
+    histories: Sequence[Sequence[int]],
+    targets: Tensor | Sequence[int],
+    n_items: int,
+    mask_history: bool = True,
+    chunk_size: int = 1024,
+    progress: bool = True,
+) -> Tensor:
+    """0-based rank of each user's target (ties pessimistic) under ``score_fn``, streamed over user chunks.
+
+    Returns a long tensor [users] on the CPU, in the order of ``histories``: the ranks every metric
+    of the model is computed from (:func:`metrics_from_ranks`, :func:`per_user_metrics`).
 
     Args:
         score_fn: called (under ``torch.no_grad()``) with a list of up to ``chunk_size``
@@ -147,7 +166,7 @@ def evaluate_scorer(
     _check_chunk_size(chunk_size)
     n_cols = n_items + 1
     targets_t = _targets_tensor(targets, n_users, n_cols)
-    histogram = _RankHistogram(ks)
+    ranks = torch.empty(n_users, dtype=torch.long)
     buffers: _TileBuffers | None = None
     with torch.no_grad(), tqdm(total=n_users, unit="user", desc="evaluate", disable=not progress) as bar:
         for start in range(0, n_users, chunk_size):
@@ -158,17 +177,40 @@ def evaluate_scorer(
             if buffers is None:
                 buffers = _TileBuffers(n_cols, _buffer_dtype(scores.dtype, n_cols), scores.device, chunk_size)
             masks = _flatten_exclude(chunk, n_cols, buffers.rows, first_user=start) if mask_history else None
-            ranks = _rank_chunk(
+            ranks[start:stop] = _rank_chunk(
                 lambda a, b, out: out.copy_(scores[a:b]),
                 targets_t[start:stop].to(buffers.device),
                 masks,
                 buffers,
                 start,
-            )
-            histogram.add(ranks)
+            ).cpu()
             bar.update(stop - start)
             scores = None  # free this chunk's scores before score_fn allocates the next
+    return ranks
+
+
+def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (10, 20)) -> dict[str, float]:
+    """NDCG@K and Recall@K averaged over users, from their 0-based target ranks."""
+    histogram = _RankHistogram(ks)
+    histogram.add(ranks)
     return histogram.metrics()
+
+
+def per_user_metrics(ranks: Tensor, ks: Sequence[int] = (10, 20)) -> dict[str, np.ndarray]:
+    """Per user (float64 arrays [users]): "ndcg@K" = 1 / log2(rank + 2) if rank < K else 0 and
+    "recall@K" = 1.0 if rank < K else 0.0, in the key order of :func:`metrics_from_ranks`, whose
+    values are their means (up to float summation order)."""
+    ks = _check_ks(ks)
+    r = ranks.cpu().numpy().astype(np.int64)
+    gain = np.zeros(r.shape, dtype=np.float64)
+    top = r < max(ks)
+    gain[top] = _discount(max(ks))[r[top]]
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        hit = r < k
+        out[f"ndcg@{k}"] = np.where(hit, gain, 0.0)
+        out[f"recall@{k}"] = hit.astype(np.float64)
+    return out
 
 
 def evaluate_embeddings(
@@ -247,7 +289,7 @@ def expected_random_metrics(
         raise ValueError(f"need one target per history and at least one user; got {len(histories)} and {len(targets)}")
     ks = _check_ks(ks)
     targets = torch.as_tensor(targets).tolist()
-    discount_cumsum = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(max(ks)) + 2.0))])
+    discount_cumsum = np.concatenate([[0.0], np.cumsum(_discount(max(ks)))])
     candidates = np.empty(len(histories), dtype=np.float64)
     for u, (history, target) in enumerate(zip(histories, targets)):
         masked = {i for i in history if 1 <= i <= n_items} - {target} if mask_history else set()
@@ -280,12 +322,17 @@ class _RankHistogram:
     def metrics(self) -> dict[str, float]:
         if self.n_users == 0:
             raise ValueError("no users to evaluate: metrics over zero users are undefined")
-        discount = 1.0 / np.log2(np.arange(self.max_k) + 2.0)
+        discount = _discount(self.max_k)
         out: dict[str, float] = {}
         for k in self.ks:
             out[f"ndcg@{k}"] = float((self.counts[:k] * discount[:k]).sum() / self.n_users)
             out[f"recall@{k}"] = float(self.counts[:k].sum() / self.n_users)
         return out
+
+
+def _discount(max_k: int) -> np.ndarray:
+    """NDCG gain of ranks 0..max_k-1: 1 / log2(rank + 2)."""
+    return 1.0 / np.log2(np.arange(max_k) + 2.0)
 
 
 class _TileBuffers:

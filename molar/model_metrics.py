@@ -1,7 +1,10 @@
 """Per-model metric files and their merge into the pipeline's metrics (DESIGN.md section 2).
 
 Each model's evaluation (DVC stage ``evaluate-model@<name>``, one per entry of ``eval.models``)
-writes ``<by_model>/<name>/valid.json`` and ``eval.json``: ``{"ndcg@K": ..., "recall@K": ...}``.
+writes ``<by_model>/<name>/valid.json`` and ``eval.json``: ``{"ndcg@K": ..., "recall@K": ...}``,
+and beside them the per-user metrics they average, ``valid_users.parquet`` and ``test_users.parquet``
+(one row per evaluated user: user_idx, target, rank, then ndcg@K and recall@K per K; see
+:func:`user_metrics_frame`), which the paired significance tests compare (molar/significance.py).
 The merge (stage ``evaluate``) reads them for the models of ``eval.models``, in that order, into
 ``{model: {"ndcg@K": ...}}`` per split; files of models no longer listed are ignored.
 """
@@ -10,15 +13,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import numpy as np
+import polars as pl
 
 from molar.errors import UserError
 
 PART_FILES = {"valid": "valid.json", "test": "eval.json"}  # split -> file name, per model and merged
+USER_FILES = {"valid": "valid_users.parquet", "test": "test_users.parquet"}  # split -> per-user metrics, per model
+USER_KEYS = ("user_idx", "target", "rank")  # the leading columns of a per-user file; the metric columns follow
 
 
 def model_dir(by_model: Path, model: str) -> Path:
     return Path(by_model) / model
+
+
+def user_metrics_frame(
+    user_idx: Sequence[int], targets: Sequence[int], ranks: Sequence[int], per_user: Mapping[str, np.ndarray]
+) -> pl.DataFrame:
+    """One row per evaluated user: user_idx (as in data/processed), target (item_idx), rank (0-based,
+    pessimistic ties, as the evaluator counts) and one float64 column per metric of ``per_user``
+    (molar.evaluate.per_user_metrics of the same ranks), in its order."""
+    columns = {
+        "user_idx": pl.Series(list(user_idx), dtype=pl.Int64),
+        "target": pl.Series(list(targets), dtype=pl.Int64),
+        "rank": pl.Series(np.asarray(ranks, dtype=np.int64), dtype=pl.Int64),
+    }
+    columns.update({name: pl.Series(np.asarray(v, dtype=np.float64), dtype=pl.Float64) for name, v in per_user.items()})
+    lengths = {name: len(col) for name, col in columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"per-user columns of different lengths: {lengths}")
+    return pl.DataFrame(columns)
 
 
 def merge_model_metrics(by_model: Path, models: Sequence[str], ks: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:

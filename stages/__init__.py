@@ -1,4 +1,4 @@
-"""The ``molar`` command line: one subcommand per DVC stage (see dvc.yaml), plus ``recommend`` and ``check-metrics``."""
+"""The ``molar`` command line: one subcommand per DVC stage (see dvc.yaml), plus ``recommend``, ``check-metrics`` and ``significance``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from stages import (
     item_content,
     recommend,
     sft_data,
+    significance,
     split,
     train_mirm,
     train_id,
@@ -38,5 +39,6 @@ for name, module in (
     ("evaluate", evaluate),
     ("recommend", recommend),
     ("check-metrics", check_metrics),
+    ("significance", significance),
 ):
     app.command(name, help=module.__doc__)(module.main)

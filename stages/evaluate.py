@@ -2,7 +2,8 @@
 
 `--model NAME` ranks the full catalog for every validation and test user, with the user's
 history masked (eval.mask_history), and writes NDCG@K / Recall@K for eval.ks to
-metrics/by_model/NAME/{valid,eval}.json. `--merge` gathers those files for the models of
+metrics/by_model/NAME/{valid,eval}.json, and the per-user metrics they average (for paired
+significance tests, `molar significance`) to metrics/by_model/NAME/{valid,test}_users.parquet. `--merge` gathers those files for the models of
 eval.models, in that order, into metrics/valid.json, metrics/eval.json ({model: metrics}) and
 metrics/eval_by_k.csv. DVC runs one `evaluate-model@NAME` stage per entry of eval.models, then
 the merge (stage `evaluate`), so only the models listed are trained.
@@ -18,8 +19,8 @@ import typer
 from molar.config import Params
 from molar.data.split import SplitData, load_split
 from molar.errors import UserError
-from molar.io import METRICS, MODELS, PROCESSED, atomic_path, write_json
-from molar.model_metrics import PART_FILES, by_k_csv, merge_model_metrics, model_dir
+from molar.io import METRICS, MODELS, PROCESSED, atomic_path, write_json, write_parquet
+from molar.model_metrics import PART_FILES, USER_FILES, by_k_csv, merge_model_metrics, model_dir, user_metrics_frame
 from stages.common import PARAMS_OPTION, prepare_outputs, read_params, use_threads, user_errors
 
 if TYPE_CHECKING:  # torch loads only when a stage runs: `molar --help` stays fast
@@ -98,27 +99,30 @@ def main(params: Path = PARAMS_OPTION, model: Optional[str] = MODEL_OPTION, merg
 def _evaluate(name: str, cfg: Params) -> None:
     import torch
 
-    from molar.evaluate import evaluate_scorer  # imported here so `molar --help` stays fast
+    # imported here so `molar --help` stays fast
+    from molar.evaluate import metrics_from_ranks, per_user_metrics, scorer_ranks
 
     out = model_dir(BY_MODEL, name)
-    prepare_outputs(*(out / f for f in PART_FILES.values()))
+    prepare_outputs(*(out / f for f in PART_FILES.values()), *(out / f for f in USER_FILES.values()))
     use_threads(cfg)
     torch.manual_seed(cfg.seed)
     with user_errors():
         split = load_split(PROCESSED)
         scorer_for = scorer_builder(name)(split, cfg)
     for part, targets in (("valid", split.valid), ("test", split.test)):
-        metrics = evaluate_scorer(
+        ranks = scorer_ranks(
             scorer_for(part),
             targets.histories,
             targets.targets,
             split.n_items,
-            ks=cfg.eval.ks,
             mask_history=cfg.eval.mask_history,
             chunk_size=cfg.eval.user_chunk_size,
         )
+        metrics = metrics_from_ranks(ranks, cfg.eval.ks)  # the aggregate and the per-user rows: one ranking
         typer.echo(f"{part:5s} {name:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         write_json(metrics, out / PART_FILES[part])
+        users = user_metrics_frame(targets.user_idx, targets.targets, ranks, per_user_metrics(ranks, cfg.eval.ks))
+        write_parquet(users, out / USER_FILES[part])
 
 
 def _merge(cfg: Params) -> None:
