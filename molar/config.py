@@ -9,7 +9,7 @@ comment beside it in params.yaml; this module only says what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML, YAMLError
@@ -232,6 +232,7 @@ class DuegParams(Section):
     init: Literal["base", "mirm"] = "base"
     item_adapter: Literal["auto", "linear", "whiten"] = "whiten"
     layers: int = Field(0, ge=0)
+    item_id_embedding: bool = False  # early ID fusion: a learned ID vector per item added at DUEG's input
 
 
 # ---------------------------------------------------------------------------- train
@@ -259,8 +260,18 @@ class TrainParams(Section):
     checkpoint_every: int = Field(200, ge=1)
 
 
+# ---------------------------------------------------------------------- late fusion
+# late ID fusion (issue 13): Molar's score + w x SASRec's, w chosen on validation (stage
+# train-late-fusion, molar/models/late_fusion.py); an ensemble, not a model of its own
+EnsembleName = Literal["molar+sasrec"]
+
+
+class LateFusionParams(Section):
+    weights: list[Annotated[float, Field(ge=0.0)]] = Field([0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0], min_length=1)
+
+
 # ----------------------------------------------------------------------------- eval
-ModelName = Literal["popularity", IdModelName, "molar"]  # what eval.models and ci.floors may name
+ModelName = Literal["popularity", IdModelName, "molar", EnsembleName]  # what eval.models and ci.floors may name
 
 
 class EvalParams(Section):
@@ -347,6 +358,7 @@ class Params(Section):
     align: AlignParams = AlignParams()
     dueg: DuegParams = DuegParams()
     train: TrainParams = TrainParams()
+    late_fusion: LateFusionParams = LateFusionParams()
     eval: EvalParams = EvalParams()
     threads: int = Field(1, ge=0)
     ci: CiParams = CiParams()

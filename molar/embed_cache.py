@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import polars as pl
@@ -29,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from molar.backbones import Backbone
-from molar.io import write_safetensors
+from molar.io import checkpoint_key, write_safetensors  # checkpoint_key: re-exported for the stages
 from molar.models.mirm import (
     PromptEncoder,
     cur_item_states,
@@ -42,23 +41,6 @@ from molar.models.mirm import (
 from molar.train import process_state
 
 TENSOR = "items"
-_CHUNK = 8 << 20
-
-
-def _hash_files(paths: Iterable[Path], root: Path, h) -> None:
-    for path in sorted(paths):
-        h.update(str(path.relative_to(root)).encode() + b"\x00")
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-
-
-def checkpoint_key(directory: str | Path) -> str:
-    """Content hash of a checkpoint directory (weights, config, tokenizer, image processor)."""
-    directory = Path(directory)
-    h = hashlib.sha256()
-    _hash_files([p for p in directory.rglob("*") if p.is_file()], directory, h)
-    return h.hexdigest()
 
 
 def catalog_key(checkpoint: str, items: pl.DataFrame, encoder: PromptEncoder, dtype: str) -> str:

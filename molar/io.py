@@ -8,6 +8,7 @@ before it starts, stages/common.py:prepare_outputs).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -111,3 +112,18 @@ def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] 
         f.write(len(header).to_bytes(8, "little"))
         f.write(header)
         f.write(memoryview(data)[8 + n :])  # no copy of the tensor bytes
+
+
+_HASH_CHUNK = 8 << 20
+
+
+def checkpoint_key(directory: str | Path) -> str:
+    """Content hash of a checkpoint directory (every file's relative path and bytes)."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(directory)).encode() + b"\x00")
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()

@@ -15,6 +15,7 @@ from stages import (
     split,
     train_mirm,
     train_id,
+    train_late_fusion,
     train_molar,
     train_popularity,
 )
@@ -36,6 +37,7 @@ for name, module in (
     ("train-id", train_id),
     ("train-molar", train_molar),
     ("train-popularity", train_popularity),
+    ("train-late-fusion", train_late_fusion),
     ("evaluate", evaluate),
     ("recommend", recommend),
     ("check-metrics", check_metrics),

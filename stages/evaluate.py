@@ -60,11 +60,30 @@ def _molar(split: SplitData, params: Params) -> ScorerFor:
     return lambda part: score_fn
 
 
+def _late_fusion(name: str) -> Callable[[SplitData, Params], ScorerFor]:
+    """The ensemble ``name`` (e.g. molar+sasrec, molar/models/late_fusion.py): its components'
+    frozen scorers, standardised and fused with the w of data/models/NAME/config.json."""
+
+    def build(split: SplitData, params: Params) -> ScorerFor:
+        from molar.io import checkpoint_key
+        from molar.models.late_fusion import LateFusionConfig, fuse
+
+        fitted = LateFusionConfig.load(MODELS / name)
+        changed = [c for c in fitted.components if fitted.component_keys.get(c) != checkpoint_key(MODELS / c)]
+        if changed:
+            raise UserError(f"{MODELS / name}: fitted on other checkpoints of {', '.join(changed)}; rerun `molar train-late-fusion`")
+        base, added = (scorer_builder(c)(split, params) for c in fitted.components)
+        return lambda part: fuse(base(part), added(part), fitted.weight)
+
+    return build
+
+
 # eval.models name -> builder of its scorer; each model lives in one molar/models file. Every
 # ID model of molar/models/registry.py is scored the same way (scorer_builder): none is listed here.
 SCORERS: dict[str, Callable[[SplitData, Params], ScorerFor]] = {
     "popularity": _popularity,
     "molar": _molar,
+    "molar+sasrec": _late_fusion("molar+sasrec"),  # an ensemble (late ID fusion), fitted by train-late-fusion
 }
 
 

@@ -57,6 +57,13 @@ def test_listing_molar_pulls_in_the_llm_stages(tmp_path, monkeypatch):
     assert not upstream["evaluate-model@sasrec"] & LLM_STAGES  # each model's evaluation needs only its own
 
 
+def test_listing_the_late_fusion_ensemble_fits_it_from_its_two_components(tmp_path, monkeypatch):
+    upstream, ran = _pipeline(tmp_path, ["sasrec", "molar+sasrec"], monkeypatch)
+    assert {"train-late-fusion", "train-molar", "train-id@sasrec"} <= upstream["evaluate-model@molar+sasrec"]
+    assert ran.index("train-molar") < ran.index("train-late-fusion") < ran.index("evaluate-model@molar+sasrec")
+    assert "evaluate-model@molar" not in ran  # the ensemble needs Molar's checkpoint, not its metrics
+
+
 # ----------------------------------------------------------------------------------- merge
 
 

@@ -10,7 +10,11 @@ The joint model (``MolarModel``) holds
   RQ2, an ID model's sequence encoder over the same item vectors (``dueg.kind: sasrec | gru4rec |
   fpmc``, ``IdDueg`` of molar/models/id_dueg.py, same interface);
 - the alignment head: a linear map from DUEG's width to the ID model's when they differ
-  (``align.project``).
+  (``align.project``);
+- optionally (``dueg.item_id_embedding: true``, early ID fusion, issue 13) a learned ID embedding
+  per item (``ItemIdEmbedding``) added to every item vector after the item adapter, i.e. at
+  DUEG's input, before DUEG reads it: for the history inputs and for the candidates / catalog, so
+  the ID signal reaches the scoring space too (as SASRec's one table both reads and scores).
 
 Scores are ``logit_scale * cos(user, item)`` (``train.similarity: cosine``, default) or the raw
 dot product. LLM final hidden states have large, uneven norms, so raw dot products saturate the
@@ -145,6 +149,55 @@ class MirmItems(nn.Module):
             self.mirm.train(was_training)
 
 
+# ------------------------------------------------------------------- early ID fusion
+class ItemIdEmbedding(nn.Module):
+    """Learned per-item ID vectors added to the adapted item vectors (``dueg.item_id_embedding``).
+
+    ``inputs`` [n_items + 1, d_in] is added to the history items after ``dueg.project_items`` (the
+    width DUEG reads, so it fits every ``dueg.kind``); ``candidates`` [n_items + 1, hidden] to the
+    scored items after ``dueg.project_candidates`` when the user model has its own candidate map
+    (FPMC's untied output side), else the candidates use ``inputs`` too (one item space, as the
+    tied adapter). Row 0 (padding) is zero and stays zero (``padding_idx``: no gradient).
+
+    Init: normal with std ``0.02 x`` the RMS of the adapted catalog vectors at its side, i.e. 2% of
+    the content's scale: small enough that training starts from the content-only model (the ID
+    part only perturbs the first scores, nothing to unlearn), large enough (not zero) that the
+    items' ID vectors differ from the start and each gets its own gradient direction.
+    """
+
+    def __init__(self, n_items: int, input_dim: int, candidate_dim: int | None = None,
+                 input_scale: float = 0.0, candidate_scale: float = 0.0) -> None:
+        super().__init__()
+        self.inputs = self._table(n_items, input_dim, input_scale)
+        self.candidates = None if candidate_dim is None else self._table(n_items, candidate_dim, candidate_scale)
+
+    @staticmethod
+    def _table(n_items: int, dim: int, scale: float) -> nn.Embedding:
+        table = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        with torch.no_grad():
+            table.weight.normal_(0.0, 0.02 * scale)
+            table.weight[0].zero_()
+        return table
+
+    def add_inputs(self, ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors + self.inputs(ids).to(vectors.dtype)
+
+    def add_candidates(self, ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        table = self.inputs if self.candidates is None else self.candidates
+        return vectors + table(ids).to(vectors.dtype)
+
+    @classmethod
+    def for_user_model(cls, dueg: "Dueg | IdDueg", catalog: torch.Tensor) -> "ItemIdEmbedding":
+        """Tables of the widths and init scales ``dueg``'s adapters give ``catalog`` [n_items + 1, d_item]."""
+        with torch.no_grad():
+            inputs = dueg.project_items(catalog[1:].float())
+            untied = getattr(dueg, "candidate_proj", None) is not None
+            cands = dueg.project_candidates(catalog[1:].float()) if untied else None
+        rms = lambda x: x.pow(2).mean().sqrt().item()
+        return cls(catalog.shape[0] - 1, inputs.shape[-1], None if cands is None else cands.shape[-1],
+                   rms(inputs), 0.0 if cands is None else rms(cands))
+
+
 # ---------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
 class MolarConfig:
@@ -157,6 +210,7 @@ class MolarConfig:
     logit_scale: float = 10.0
     item_adapter: str = "auto"  # auto | linear | whiten (molar.models.dueg.item_adapter_for)
     dueg_kind: str = "llm"  # llm: the LLM decoder (Dueg) | an ID model's name: its encoder (IdDueg)
+    item_id_embedding: bool = False  # early ID fusion (ItemIdEmbedding); checkpoints without it: False
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
@@ -164,8 +218,13 @@ class MolarConfig:
 
 
 class MolarModel(nn.Module):
-    def __init__(self, config: MolarConfig, dueg: Dueg | IdDueg, items: CachedItems | MirmItems, align_head: nn.Module | None = None) -> None:
+    def __init__(
+        self, config: MolarConfig, dueg: Dueg | IdDueg, items: CachedItems | MirmItems, align_head: nn.Module | None = None,
+        item_ids: ItemIdEmbedding | None = None,
+    ) -> None:
         super().__init__()
+        if (item_ids is not None) != config.item_id_embedding:
+            raise ValueError(f"MolarConfig item_id_embedding {config.item_id_embedding} disagrees with the ID table ({item_ids is not None})")
         if isinstance(dueg, Dueg) != (config.dueg_kind == "llm"):
             raise ValueError(f"MolarConfig dueg_kind {config.dueg_kind!r} disagrees with the user model ({type(dueg).__name__})")
         if items.dim != config.item_dim or dueg.hidden_size != config.hidden_size:
@@ -176,6 +235,7 @@ class MolarModel(nn.Module):
         self.dueg = dueg
         self.items = items
         self.align_head = align_head if align_head is not None else nn.Identity()
+        self.item_ids = item_ids  # a submodule only when on: without it the state dict is today's
 
     # --------------------------------------------------------------- embeddings
     def encode(self, padded: torch.Tensor, item_vectors: torch.Tensor, user_columns: torch.Tensor) -> torch.Tensor:
@@ -183,7 +243,17 @@ class MolarModel(nn.Module):
 
         ``item_vectors`` [B, L, d_item] are the histories' MIRM item vectors (any value at padding).
         """
-        return self.dueg(self.dueg.project_items(item_vectors), padded != 0, user_columns)
+        return self.dueg(self._inputs(padded, item_vectors), padded != 0, user_columns)
+
+    def _inputs(self, ids: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """History items in DUEG's input space (+ their ID vectors with early fusion)."""
+        x = self.dueg.project_items(item_vectors)
+        return x if self.item_ids is None else self.item_ids.add_inputs(ids, x)
+
+    def _candidates(self, ids: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """Scored items in the scoring space (+ their ID vectors with early fusion)."""
+        x = self.dueg.project_candidates(item_vectors)
+        return x if self.item_ids is None else self.item_ids.add_candidates(ids, x)
 
     def forward(self, inputs: torch.Tensor, columns: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step's trainable computation (everything with parameters), so that a
@@ -199,8 +269,8 @@ class MolarModel(nn.Module):
         users = self.encode(inputs, hist_vecs, columns)
         out = {
             "users": users,
-            "pos_items": self.dueg.project_candidates(pos_vecs),
-            "neg_items": self.dueg.project_candidates(neg_vecs),
+            "pos_items": self._candidates(pos, pos_vecs),
+            "neg_items": self._candidates(neg, neg_vecs),
             "aligned": self.align_head(users),
         }
         id_model = getattr(self, "id_model", None)
@@ -211,7 +281,8 @@ class MolarModel(nn.Module):
 
     def catalog_vectors(self) -> torch.Tensor:
         """Every item in the scoring space [n_items + 1, hidden] (row 0 = padding, never ranked)."""
-        return self.dueg.project_candidates(self.items.table)
+        table = self.items.table
+        return self._candidates(torch.arange(table.shape[0], device=table.device), table)
 
     def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of users [..., d] against items [..., d] (broadcast, last dim reduced)."""
@@ -285,7 +356,11 @@ class MolarModel(nn.Module):
         else:
             dueg = IdDueg.from_pretrained(directory / USER_MODEL_DIR, config.item_dim, config.item_adapter)
             state.update({f"dueg.encoder.{k}": v for k, v in dueg.encoder.state_dict().items()})
-        model = cls(config, dueg, items, align_head_for(config.hidden_size, config.id_dim, project=True))
+        item_ids = None
+        if config.item_id_embedding:  # shapes from the checkpoint, weights loaded below
+            cands = state.get("item_ids.candidates.weight")
+            item_ids = ItemIdEmbedding(config.n_items, state["item_ids.inputs.weight"].shape[1], None if cands is None else cands.shape[1])
+        model = cls(config, dueg, items, align_head_for(config.hidden_size, config.id_dim, project=True), item_ids)
         model.load_state_dict(state)
         return model.to(device).eval()
 
@@ -314,9 +389,12 @@ def build_model(
     config = MolarConfig(
         n_items=n_items, item_dim=item_dim, hidden_size=dueg.hidden_size, id_dim=id_dim,
         max_length=t.max_length, similarity=t.similarity, logit_scale=t.logit_scale, item_adapter=d.item_adapter,
-        dueg_kind=d.kind,
+        dueg_kind=d.kind, item_id_embedding=d.item_id_embedding,
     )
-    return MolarModel(config, dueg, items, align_head_for(dueg.hidden_size, id_dim, params.align.project))
+    head = align_head_for(dueg.hidden_size, id_dim, params.align.project)
+    # built last and only when on: with the flag off the init draws exactly what it drew before
+    item_ids = ItemIdEmbedding.for_user_model(dueg, table) if d.item_id_embedding else None
+    return MolarModel(config, dueg, items, head, item_ids)
 
 
 def align_head_for(hidden_size: int, id_dim: int | None, project: bool) -> nn.Module:
