@@ -8,7 +8,8 @@ file's ``data`` section), trains each model of ``--models`` with the next-item r
 uses (molar/recipes/id_models.py) and the model's section of the params file, ``--set`` overrides
 applied, selects the epoch by validation NDCG@10 and reports test metrics (full catalog, history
 masked). After every validation it also records the test NDCG@10 of the model at that moment and the
-wall time so far (training + validation, not this probe), which gives the time to a test NDCG@10.
+wall time so far (training + validation, not this probe), which gives the time to a test NDCG@10;
+a run resumed in a later session continues the clock of the earlier ones.
 
 A run is one model under one set of overrides; it lives in
 ``benchmarks/out/id_models_ml1m/<params stem>/<model>/<overrides>/`` (``state/`` for the
@@ -99,7 +100,12 @@ def run_model(params_path: Path, model: str, overrides: dict[str, object], threa
 
     probe_path = out_dir / "probe.jsonl"
     probe_seconds = 0.0  # time spent in the probe itself, left out of the wall clock it reports
-    validations = 0
+    # a resumed run continues the earlier sessions' clock from their last validation (the training
+    # between that validation and the checkpoint it resumes from is not counted: a slight undercount)
+    earlier = [json.loads(line) for line in probe_path.read_text().splitlines()] if probe_path.exists() else []
+    validations = len(earlier)
+    if earlier:
+        wall_start -= earlier[-1]["wall_seconds"] - data.seconds  # this session's data preparation counts once
 
     def probe(m) -> None:
         nonlocal probe_seconds, validations
@@ -111,7 +117,6 @@ def run_model(params_path: Path, model: str, overrides: dict[str, object], threa
             f.write(json.dumps(line) + "\n")
         probe_seconds += time.perf_counter() - started
 
-    probe_path.unlink(missing_ok=True)  # a resumed run re-probes from where it continues; wall times restart
     model_obj, result = train_id_model(
         model, section, data.train, data.valid_histories, data.valid_targets, n_items, params.seed,
         state_dir=out_dir / "state", mask_history=params.eval.mask_history,
@@ -215,6 +220,8 @@ def main() -> None:
                 continue
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "result.json").unlink(missing_ok=True)  # rewritten when this run ends
+            if not (out_dir / "state").exists():
+                (out_dir / "probe.jsonl").unlink(missing_ok=True)  # no state to resume: the run starts over
             cmd = [sys.executable, "-m", "benchmarks.bench_id_models_ml1m", "--run", f"{model}/{slug}", "--params", str(args.params),
                    "--threads", str(args.threads)]
             cmd += [arg for s in args.set if s.startswith(model + ".") for arg in ("--set", s)]
