@@ -35,7 +35,11 @@ from molar.backbones.image_features import (
 )
 from molar.backbones.smollm2_mobilenet import IMAGE_TOKEN, build_image_feature_lm
 from molar.config import DEFAULT_PROMPTS, MirmParams
-from molar.embed_cache import cached_catalog_embeddings, item_content_tables, load_catalog_embeddings
+from molar.embed_cache import (
+    cached_catalog_embeddings,
+    item_content_tables,
+    load_catalog_embeddings,
+)
 from molar.models.dueg import decoder_of
 from molar.models.mirm import (
     ItemText,
