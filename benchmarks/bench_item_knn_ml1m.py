@@ -27,9 +27,9 @@ SA, UB and LoRA) on an ML-1M mixture of the training split (``molar.sft.synthesi
 task); the first ``--heldout`` examples of each task are never trained on, and their SFT loss is reported
 before and after. Other MIRM settings are the preset's ``mirm`` section (one epoch per stage, lr 1e-4, projector
 lr 1e-3). Why 200 per task by default: on one CPU thread (2 cores shared) an IT example of the projector stage
-takes ~0.5 s and an SA / UB example of the LoRA stage ~2 s (UB shows five posters and titles), so the SFT takes
-~15 min, and each pass over the catalog (three tables, SmolLM2 at ~6-9 items/s with text) another ~15 min: the
-whole benchmark runs in about 50 min.
+takes ~0.5 s and an SA / UB example of the LoRA stage ~1.4 s (UB shows five posters and titles), so the SFT takes
+~11 min, and each pass over the catalog (three tables, SmolLM2 at 8-11 items/s with text) ~15 min: the whole
+benchmark ran in 41 min (a first run also extracts the posters' MobileNet features, ~1.5 min).
 
 Throughput: catalog-embedding items/s of each table, timed when it is computed (an image row computed first
 also pays the MobileNet extractor on posters not yet in ~/.cache/molar/image-features). The real-vs-bare
