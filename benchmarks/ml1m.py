@@ -8,6 +8,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Ml1mSplit:
     n_items: int
     stats: dict
     seconds: float  # ingest + split
+    items: Any  # the processed items table (polars; item_idx 1..n_items, title, attributes, image_path, ...)
 
 
 def load_split(params) -> Ml1mSplit:
@@ -41,6 +43,7 @@ def load_split(params) -> Ml1mSplit:
         n_items=tables["items"].height,
         stats=stats,
         seconds=time.perf_counter() - started,
+        items=tables["items"].sort("item_idx"),
     )
 
 

@@ -33,6 +33,7 @@ from molar.models.mirm import (
     PromptEncoder,
     cur_item_states,
     embed_items,
+    image_state_width,
     image_states,
     item_chunks,
     item_texts,
@@ -64,16 +65,19 @@ def catalog_key(checkpoint: str, items: pl.DataFrame, encoder: PromptEncoder, dt
 
 
 def embed_catalog(
-    backbone: Backbone, encoder: PromptEncoder, items: pl.DataFrame, batch_size: int, states=cur_item_states
+    backbone: Backbone, encoder: PromptEncoder, items: pl.DataFrame, batch_size: int, states=cur_item_states,
+    width: int | None = None,
 ) -> torch.Tensor:
     """[n_items + 1, d] float32 (row 0 zeros) on CPU; sharded across processes when several run.
 
-    ``states``: what each item's vector is (``molar.models.mirm.embed_items``; default its ``[Cur_Item]`` state)."""
+    ``states``, ``width``: what each item's vector is and its width (``molar.models.mirm.embed_items``; default its
+    ``[Cur_Item]`` state)."""
     state = process_state()
     texts = item_texts(items)
     chunks = item_chunks(encoder, texts, batch_size)
     rows = embed_items(
-        backbone, encoder, texts, batch_size, chunks=chunks[state.process_index :: state.num_processes], states=states
+        backbone, encoder, texts, batch_size, chunks=chunks[state.process_index :: state.num_processes], states=states,
+        width=width,
     )
     if state.num_processes > 1:
         rows = rows.to(state.device)
@@ -143,5 +147,6 @@ def item_content_tables(backbone: Backbone, mirm, source: str, items: pl.DataFra
     if items["image_path"].is_null().all():
         return tables, "no item has an image"
     image = make_encoder(backbone, mirm.model_copy(update={"modalities": ["image"]}), source)
-    tables["image"] = embed_catalog(backbone, image, items, mirm.embed_batch_size, states=image_states)
+    tables["image"] = embed_catalog(backbone, image, items, mirm.embed_batch_size, states=image_states,
+                                    width=image_state_width(backbone.model))
     return tables, None

@@ -35,7 +35,11 @@ from molar.backbones.image_features import (
 )
 from molar.backbones.smollm2_mobilenet import IMAGE_TOKEN, build_image_feature_lm
 from molar.config import DEFAULT_PROMPTS, MirmParams
-from molar.embed_cache import cached_catalog_embeddings, load_catalog_embeddings
+from molar.embed_cache import (
+    cached_catalog_embeddings,
+    item_content_tables,
+    load_catalog_embeddings,
+)
 from molar.models.dueg import decoder_of
 from molar.models.mirm import (
     ItemText,
@@ -263,6 +267,22 @@ def test_image_states_are_the_frozen_encoders_features(backbone, images):
     assert states.shape == (len(ITEMS), 1024)
     torch.testing.assert_close(states[[0, 1, 3]], expected)
     assert (states[2] == 0).all()  # Green Mug has no image
+
+
+def test_item_content_tables_keep_the_features_width(backbone, images, monkeypatch):
+    """The item-content stage's tables on this backbone: the image table is the encoder's 1,024-d features
+    (wider than the LLM's 32), row 0 padding, zero for the item without an image; the text table is the LLM's."""
+    monkeypatch.chdir(images)  # item image paths are relative to the working directory
+    items = pl.DataFrame({
+        "item_idx": [1, 2, 3, 4], "item_id": ["a", "b", "c", "d"], "title": [it.title for it in ITEMS],
+        "description": [it.description for it in ITEMS], "attributes": [json.dumps({"colour": "x"})] * 4,
+        "image_path": [it.image_path for it in ITEMS],
+    })
+    tables, why = item_content_tables(backbone, MirmParams(embed_batch_size=2), "synthetic", items)
+    assert why is None and tables["text"].shape == (5, backbone.hidden_size) and tables["image"].shape == (5, 1024)
+    expected = torch.from_numpy(np.stack([PooledPixels().encode(Image.open(images / name)) for name in ("red.png", "blue.png", "half.png")]))
+    torch.testing.assert_close(tables["image"][[1, 2, 4]], expected)
+    assert (tables["image"][[0, 3]] == 0).all()
 
 
 SFT = pl.DataFrame(

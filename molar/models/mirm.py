@@ -446,13 +446,17 @@ def image_features(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return torch.stack([patches.float().mean(0) for patches in per_image])
 
 
+def image_state_width(model: torch.nn.Module) -> int:
+    """Width of ``image_states``: a frozen image encoder's (smollm2-135m+mobilenet: 1,024), else the LLM's."""
+    feature_dim = getattr(_hf_model(model).config, "image_feature_dim", None)
+    return feature_dim or _hf_model(model).get_input_embeddings().embedding_dim
+
+
 def image_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per prompt of a collated batch of item prompts, its image's ``image_features`` [B, d]; zeros
     for a prompt without an image (an item prompt shows at most one). The text is not run."""
     config = _hf_model(model).config
-    feature_dim = getattr(config, "image_feature_dim", None)  # a frozen image encoder's width
-    width = feature_dim or _hf_model(model).get_input_embeddings().embedding_dim
-    out = torch.zeros(batch["input_ids"].shape[0], width, device=batch["input_ids"].device)
+    out = torch.zeros(batch["input_ids"].shape[0], image_state_width(model), device=batch["input_ids"].device)
     if "pixel_values" not in batch and "image_features" not in batch:
         return out
     if "mm_token_type_ids" in batch:
@@ -552,8 +556,9 @@ def embed_items(
     chunks: Sequence[Sequence[int]] | None = None,
     model: torch.nn.Module | None = None,
     states: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = cur_item_states,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """Item embeddings [len(items), hidden_size] (float32, CPU), in the order of ``items``.
+    """Item embeddings [len(items), width] (float32, CPU), in the order of ``items``.
 
     ``chunks``: index groups to run (default ``item_chunks``); rows outside every chunk stay zero
     (how a catalog is sharded across processes). On an accelerator a worker thread tokenises,
@@ -562,11 +567,12 @@ def embed_items(
     ``model``: defaults to ``backbone.model`` (pass a wrapped or fine-tuned copy to embed with it).
     ``states``: (model, batch) -> [B, hidden_size], the vector of each prompt (default its
     ``[Cur_Item]`` state; ``image_states`` for the vision tower's features of its image).
+    ``width``: what ``states`` returns per prompt (default ``hidden_size``; ``image_state_width`` for ``image_states``).
     """
     model = backbone.model if model is None else model
     model.eval()
     device = next(model.parameters()).device
-    out = torch.zeros((len(items), backbone.hidden_size), dtype=torch.float32)
+    out = torch.zeros((len(items), backbone.hidden_size if width is None else width), dtype=torch.float32)
     chunks = item_chunks(encoder, items, batch_size) if chunks is None else [list(c) for c in chunks]
     if not chunks:
         return out
