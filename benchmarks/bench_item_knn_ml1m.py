@@ -22,10 +22,12 @@ image rows whether a poster alone says the genre. Image rows use the items with 
 without one would embed its title alone), neighbours included. A further row: the frozen MobileNet features
 themselves (``image_states``, what the projector reads), which no fine-tuning changes.
 
-Before and after SFT: ``mirm.finetune`` (default ``staged``: IT with posters trains the projector alone, then
-SA, UB and LoRA) on an ML-1M mixture of the training split (``molar.sft.synthesize``, ``--sft-samples`` per
-task); the first ``--heldout`` examples of each task are never trained on, and their SFT loss is reported
-before and after. Other MIRM settings are the preset's ``mirm`` section (one epoch per stage, lr 1e-4, projector
+Before and after SFT, as the pipeline fine-tunes for each choice of ``mirm.modalities``: the image and
+text+image rows after ``mirm.finetune`` (default ``staged``: IT with posters trains the projector alone, then SA,
+UB and LoRA) on an ML-1M mixture of the training split with posters (``molar.sft.synthesize``, ``--sft-samples``
+per task); the text row after LoRA on the text-only mixture (IT shows the title instead of the poster), what
+``mirm.modalities: [text]`` trains; the text prompt through the text+image SFT is a further row. The first
+``--heldout`` examples of each task are never trained on, and their SFT loss is reported before and after. Other MIRM settings are the preset's ``mirm`` section (one epoch per stage, lr 1e-4, projector
 lr 1e-3). Why 200 per task by default: on one CPU thread (2 cores shared) an IT example of the projector stage
 takes ~0.5 s and an SA / UB example of the LoRA stage ~1.4 s (UB shows five posters and titles), so the SFT takes
 ~11 min, and each pass over the catalog (three tables, SmolLM2 at 8-11 items/s with text) ~15 min: the whole
@@ -143,15 +145,16 @@ def embedding_table(path: Path, backbone, checkpoint: str, encoder, items, mirm,
     return table[1:], {**record, "cached": False}
 
 
-def variant_tables(backbone, checkpoint: str, mirm, items, out: Path, tag: str) -> dict[str, tuple]:
-    """text, image and text+image tables of one checkpoint: {variant: (vectors, item rows, record)}."""
+def variant_tables(backbone, checkpoint: str, mirm, items, out: Path, tag: str, variants=VARIANTS) -> dict[str, tuple]:
+    """The ``variants`` tables (default text, image and text+image) of one checkpoint: {variant: (vectors, item rows,
+    record)}."""
     import polars as pl
 
     from molar.models.mirm import make_encoder
 
     posters = items.filter(pl.col("image_path").is_not_null())
     tables = {}
-    for variant, modalities in VARIANTS.items():
+    for variant, modalities in variants.items():
         shown = posters if modalities == ["image"] else items
         encoder = make_encoder(backbone, mirm.model_copy(update={"modalities": modalities}), SOURCE)
         vectors, record = embedding_table(out / f"{variant}-{tag}.safetensors", backbone, checkpoint, encoder, shown, mirm)
@@ -162,15 +165,16 @@ def variant_tables(backbone, checkpoint: str, mirm, items, out: Path, tag: str) 
 
 
 # ------------------------------------------------------------------------------ SFT
-def sft_examples(split, sft, seed: int, per_task: int, heldout: int):
+def sft_examples(split, sft, seed: int, per_task: int, heldout: int, use_images: bool = True):
     """The mixture of ``sft`` tasks from the training split: (trained on, held out), ``per_task`` and ``heldout``
     examples per task; the held-out ones are each task's first draws, so they do not depend on ``per_task``
-    (IT and SA draw distinct items until the catalog is used up, so their held-out items are never trained on)."""
+    (IT and SA draw distinct items until the catalog is used up, so their held-out items are never trained on).
+    ``use_images``: False is the pipeline's mixture for ``mirm.modalities: [text]`` (IT shows the title instead)."""
     import polars as pl
 
     from molar.sft import synthesize
 
-    table, _ = synthesize(split.items, split.train, sft.mix, per_task + heldout, seed, sft.ub_history, use_images=True)
+    table, _ = synthesize(split.items, split.train, sft.mix, per_task + heldout, seed, sft.ub_history, use_images=use_images)
     table = table.with_columns(pl.int_range(pl.len()).over("task").alias("draw"))
     return table.filter(pl.col("draw") >= heldout).drop("draw"), table.filter(pl.col("draw") < heldout).drop("draw")
 
@@ -315,21 +319,40 @@ def main(argv: list[str] | None = None) -> None:
     for variant, (vectors, shown, record) in variant_tables(base, base_key, mirm, items, args.out, "base").items():
         add(f"{variant}, before SFT", vectors, shown, record)
 
-    sft_record = None
-    if not args.skip_sft:
-        train, heldout = sft_examples(split, params.sft, params.seed, args.sft_samples, args.heldout)
-        model_dir, sft_record = fine_tuned(base, base_key, mirm, train, heldout, params.seed, args.out / "sft")
-        del base, image_encoder  # the SFT mutated it; free its weights
-        tuned = load_backbone(model_dir, dtype="float32", **load)
+    def tuned_backbone(model_dir: Path, mirm_used, heldout, record: dict, out: Path):
+        """The SFT'd checkpoint loaded, its key, and ``record`` completed with its held-out losses."""
+        tuned = load_backbone(model_dir, dtype="float32", **{**load, "modalities": mirm_used.modalities})
         tuned_key = checkpoint_key(model_dir)
-        if "heldout_after" not in sft_record or sft_record.get("after_key") != tuned_key:
-            sft_record.update(heldout_after=heldout_losses(tuned.model, make_encoder(tuned, mirm, SOURCE), heldout), after_key=tuned_key)
-            write_json(sft_record, args.out / "sft" / "result.json")
-        for variant, (vectors, shown, record) in variant_tables(tuned, tuned_key, mirm, items, args.out, "sft").items():
-            add(f"{variant}, after SFT", vectors, shown, record)
+        if "heldout_after" not in record or record.get("after_key") != tuned_key:
+            record.update(heldout_after=heldout_losses(tuned.model, make_encoder(tuned, mirm_used, SOURCE), heldout), after_key=tuned_key)
+            write_json(record, out / "result.json")
+        return tuned, tuned_key
+
+    sft_records = {}
+    if not args.skip_sft:
+        # Image and text+image items: the pipeline's SFT with both modalities (the staged one by default).
+        train, heldout = sft_examples(split, params.sft, params.seed, args.sft_samples, args.heldout)
+        model_dir, sft_records["text+image"] = fine_tuned(base, base_key, mirm, train, heldout, params.seed, args.out / "sft")
+        del base, image_encoder  # the SFT mutated it; free its weights
+        tuned, tuned_key = tuned_backbone(model_dir, mirm, heldout, sft_records["text+image"], args.out / "sft")
+        after = variant_tables(tuned, tuned_key, mirm, items, args.out, "sft")
+        # Text items: what the pipeline fine-tunes for mirm.modalities [text] (IT shows the title instead of the
+        # poster; LoRA, as staged needs images), so the text row compares like with like. The text prompt through
+        # the text+image SFT is a row of its own.
+        text_mirm = mirm.model_copy(update={"modalities": ["text"], "finetune": "lora"})
+        train_t, heldout_t = sft_examples(split, params.sft, params.seed, args.sft_samples, args.heldout, use_images=False)
+        fresh = load_backbone(BACKBONE, dtype="float32", **{**load, "modalities": ["text"]})
+        model_dir_t, sft_records["text"] = fine_tuned(fresh, base_key, text_mirm, train_t, heldout_t, params.seed, args.out / "sft-text")
+        del fresh
+        tuned_t, tuned_t_key = tuned_backbone(model_dir_t, text_mirm, heldout_t, sft_records["text"], args.out / "sft-text")
+        text_after = variant_tables(tuned_t, tuned_t_key, text_mirm, items, args.out, "sft-text", {"text": ["text"]})
+        for name, (vectors, shown, record) in [("text, after SFT", text_after["text"]), ("image, after SFT", after["image"]),
+                                               ("text+image, after SFT", after["text+image"]),
+                                               ("text, after text+image SFT", after["text"])]:
+            add(name, vectors, shown, record)
 
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "mirm": mirm.model_dump(mode="json", exclude={"prompts"}),
-              "rows": rows, "sft": sft_record, "verdicts": verdicts(rows)}
+              "rows": rows, "sft": sft_records, "verdicts": verdicts(rows)}
     write_json(report, args.out / "report.json")
 
     print(f"\nGenre agreement of item embeddings, ML-1M, {items.height} items ({posters.height} with a poster), "
@@ -340,14 +363,14 @@ def main(argv: list[str] | None = None) -> None:
         speed = f"{embed['items_per_s']:.1f}" if "items_per_s" in embed else "-"
         se = f"{r['any_se']:.4f}" if "any_se" in r else ""
         print(f"{name:<30}{r['items']:>6}{r.get('dim', '-'):>6}{r['any']:>11.4f}{se:>8}{r['exact']:>11.4f}{speed:>15}")
-    if sft_record:
-        print(f"\nSFT: mirm.finetune {mirm.finetune}, {sft_record['examples']} examples {sft_record['by_task']}, "
-              f"{mirm.epochs} epoch(s) per stage, lr {mirm.lr:g} (projector {mirm.projector_lr:g}), {sft_record['steps']} steps, "
-              f"{sft_record['seconds']:.0f}s" + (" (this run resumed or reused it)" if sft_record.get("resumed") else ""))
-        for h in sft_record["history"]:
+    for items_shown, record in sft_records.items():
+        print(f"\nSFT for {items_shown} items: mirm.finetune {record['finetune']}, {record['examples']} examples {record['by_task']}, "
+              f"{mirm.epochs} epoch(s) per stage, lr {mirm.lr:g} (projector {mirm.projector_lr:g}), {record['steps']} steps, "
+              f"{record['seconds']:.0f}s" + (" (this run resumed or reused it)" if record.get("resumed") else ""))
+        for h in record["history"]:
             print(f"  stage {h.get('stage', '-')} epoch {h['epoch']}: train loss {h.get('loss', float('nan')):.4f} ({h['seconds']:.0f}s)")
         print(f"  held-out SFT loss ({args.heldout} per task, never trained on): "
-              + ", ".join(f"{t} {sft_record['heldout_before'][t]:.3f} -> {sft_record['heldout_after'][t]:.3f}" for t in sft_record["heldout_before"]))
+              + ", ".join(f"{t} {record['heldout_before'][t]:.3f} -> {record['heldout_after'][t]:.3f}" for t in record["heldout_before"]))
     print("\ntargets:")
     for line in report["verdicts"]:
         print(f"  {line}")

@@ -68,7 +68,7 @@ PROMPT_FIELDS = ("title", "description", "attributes", "image")
 PROMPT_SOURCES = ("default", "synthetic", "movielens", "sasrec-txt", "user-seq", "recbole", "amazon", "pixelrec")
 DEFAULT_PROMPTS = {
     "default": "{image}\nTitle: {title}\nDescription: {description}\nAttributes: {attributes}\n",
-    "movielens": "{image}\nMovie: {title}\nAttributes: {attributes}\n",
+    "movielens": "Movie: {title}\nAttributes: {attributes}\nPoster: {image}\n",
 }
 
 
@@ -80,7 +80,7 @@ class MirmParams(Section):
     image_min_pixels: int = Field(28 * 28, ge=28 * 28)
     image_max_pixels: int = Field(56 * 56, ge=28 * 28)
     image_encoder: str = "../shared/models/coral-mobilenet/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
-    image_tokens: int = Field(4, ge=1, le=256)
+    image_tokens: int = Field(1, ge=1, le=256)
     max_text_tokens: int = Field(96, ge=8)
     sft_max_tokens: int = Field(384, ge=32)
     lr: float = Field(1e-3, gt=0.0)
