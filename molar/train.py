@@ -331,8 +331,13 @@ def fit(
     select_metric: str | None = None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     desc: str = "train",
+    param_groups: list[dict[str, Any]] | None = None,
 ) -> FitResult:
-    """Train ``model`` (see the module docstring for the contract); resumable from ``state_dir``."""
+    """Train ``model`` (see the module docstring for the contract); resumable from ``state_dir``.
+
+    ``param_groups``: AdamW parameter groups (``{"params": [...], "lr": peak lr}``; a group without ``lr``
+    trains at ``settings.lr``) covering each parameter once; default: all at ``settings.lr``. The schedule
+    scales every group's peak alike; the caller's ``run_key`` must cover the groups' lrs."""
     if batches_per_epoch < 1:
         raise ValueError(f"{desc}: batches_per_epoch must be >= 1 (got {batches_per_epoch}); is the training data empty?")
     if (validate is None) != (select_metric is None):
@@ -343,7 +348,7 @@ def fit(
     run_key = f"{run_key}/{_settings_key(settings)}"
 
     accelerator = _make_accelerator(settings.mixed_precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups or model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum)
     total_steps = steps_per_epoch * settings.epochs
     warmup_steps = round(settings.warmup_ratio * total_steps)

@@ -260,6 +260,19 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_param_groups_train_each_group_at_its_own_lr(tmp_path):
+    # One AdamW step from zero moments moves every weight by lr x sign(gradient) (m / sqrt(v) = +-1 after the
+    # bias correction; the schedule's factor is 1 at step 0 without warm-up): the weight at 0.1, the bias at 0.001.
+    x, y = _tiny_problem()
+    model = _linear()
+    before = [p.detach().clone() for p in (model.weight, model.bias)]
+    groups = [{"params": [model.weight]}, {"params": [model.bias], "lr": 0.001}]
+    fit(model, LoopSettings(lr=0.1, epochs=1, seed=0), lambda e: iter([(x, y)]), 1, _mse, tmp_path, "k", param_groups=groups)
+    moved = [(p.detach() - b).abs() for p, b in zip((model.weight, model.bias), before)]
+    torch.testing.assert_close(moved[0], torch.full_like(moved[0], 0.1), rtol=1e-4, atol=0)
+    torch.testing.assert_close(moved[1], torch.full_like(moved[1], 0.001), rtol=1e-4, atol=0)
+
+
 def test_wrong_batch_count_is_an_error(tmp_path):
     x, y = _tiny_problem()
     with pytest.raises(RuntimeError, match="batches_per_epoch=5"):

@@ -151,17 +151,47 @@ def test_end_to_end_mode_sends_gradients_into_the_item_model() -> None:
     def embed(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return module(ids) * 2.0
 
-    items = MirmItems(mirm, embed, torch.zeros(6, 4), refresh_batch=2)
+    items = MirmItems(mirm, embed, torch.zeros(6, 4), refresh_batch=2)  # the starting catalog's centre: 0
     hist, pos = items.vectors(torch.tensor([[0, 1, 2], [0, 0, 3]]), torch.tensor([2, 4]))
     assert hist.shape == (2, 3, 4) and pos.shape == (2, 4)
     assert torch.equal(hist[0, 0], torch.zeros(4))  # padding is a zero vector, not item 0's row
-    torch.testing.assert_close(pos[1], mirm.weight[4] * 2.0)
-    (hist.sum() + pos.sum()).backward()
+    batch_mean = mirm.weight[1:5].mean(0) * 2.0  # of the distinct items 1-4, each counted once
+    torch.testing.assert_close(pos[1], mirm.weight[4] * 2.0 - batch_mean)
+    (hist[..., 0].sum() + pos[..., 0].sum()).backward()  # dimension 0 only: the re-centring spreads its gradient
     touched = (mirm.weight.grad.abs().sum(1) > 0).nonzero().view(-1).tolist()
-    assert touched == [1, 2, 3, 4]  # item 2 (in both tensors) embedded once, row 0 and 5 untouched
+    assert touched == [1, 2, 3, 4]  # items embedded once each, row 0 and 5 untouched
     items.refresh()
-    torch.testing.assert_close(items.table[1:], mirm.weight[1:].detach() * 2.0)
+    weights = mirm.weight[1:].detach() * 2.0
+    torch.testing.assert_close(items.table[1:], weights - weights.mean(0))
     assert torch.equal(items.table[0], torch.zeros(4))
+
+
+def test_end_to_end_items_stay_centred_where_the_catalog_started() -> None:
+    # MIRM's states all shifted by +5 (as a training step moves them together): the batch and the refreshed
+    # table come back to the starting catalog's mean, and what tells the items apart is kept.
+    start = torch.tensor([[0.0, 0.0], [1.0, 3.0], [3.0, 1.0], [2.0, 2.0]])  # row 0 padding; centre (2, 2)
+    shifted = torch.nn.Embedding.from_pretrained(start + 5.0)
+    items = MirmItems(shifted, lambda m, ids: m(ids), start, refresh_batch=2)
+    (pos,) = items.vectors(torch.tensor([1, 2]))
+    torch.testing.assert_close(pos, torch.tensor([[1.0, 3.0], [3.0, 1.0]]))  # batch mean (9, 9) -> (2, 2)
+    items.refresh()
+    torch.testing.assert_close(items.table, start)
+
+
+def test_end_to_end_mode_trains_the_item_model_at_its_own_lr() -> None:
+    from molar.recipes.molar import mirm_param_groups
+
+    class Stand(torch.nn.Module):  # what mirm_param_groups reads of a MolarModel: .items and the parameters
+        def __init__(self, items: torch.nn.Module) -> None:
+            super().__init__()
+            self.items, self.dueg = items, torch.nn.Linear(4, 4)
+
+    mirm = torch.nn.Embedding(6, 4)
+    end_to_end = Stand(MirmItems(mirm, lambda m, ids: m(ids), torch.zeros(6, 4), refresh_batch=2))
+    rest, item_side = mirm_param_groups(end_to_end, 3e-5)
+    assert [id(p) for p in item_side["params"]] == [id(mirm.weight)] and item_side["lr"] == 3e-5
+    assert {id(p) for p in rest["params"]} == {id(p) for p in end_to_end.dueg.parameters()} and "lr" not in rest
+    assert mirm_param_groups(Stand(torch.nn.Identity()), 3e-5) is None  # cached items: one group at train.lr
 
 
 class Interrupted(Exception):

@@ -108,6 +108,12 @@ class MirmItems(nn.Module):
     caller's module, registered here so the optimizer and the checkpoint see its weights);
     the catalog ``table`` is recomputed without gradients by ``refresh()`` before validation
     and scoring, and is what DUEG reads at inference.
+
+    Both keep the items' mean where the starting catalog had it (``centre``): the batch's
+    distinct items are re-centred on it, and so is the refreshed table. As MIRM trains, its
+    states drift together (a shared shift far larger than what tells items apart), and the
+    item adapter's fixed whitening, computed from the starting catalog, would turn that shift
+    into a collapse of the items onto one point within a few steps.
     """
 
     def __init__(self, mirm: nn.Module, embed: Callable[[nn.Module, torch.Tensor], torch.Tensor], table: torch.Tensor, refresh_batch: int) -> None:
@@ -116,6 +122,7 @@ class MirmItems(nn.Module):
         self._embed = embed
         self.refresh_batch = refresh_batch
         self.register_buffer("table", table.detach().float().clone())
+        self.register_buffer("centre", self.table[1:].mean(0, keepdim=True).clone())
 
     @property
     def dim(self) -> int:
@@ -128,7 +135,9 @@ class MirmItems(nn.Module):
         real = unique[unique != 0]
         vecs = torch.zeros(unique.shape[0], self.dim, device=flat.device)
         if real.numel():
-            vecs = vecs.index_put((torch.nonzero(unique != 0).squeeze(1),), self._embed(self.mirm, real).float())
+            fresh = self._embed(self.mirm, real).float()
+            fresh = fresh - fresh.mean(0, keepdim=True) + self.centre
+            vecs = vecs.index_put((torch.nonzero(unique != 0).squeeze(1),), fresh)
         out, start = [], 0
         for i in ids:
             n = i.numel()
@@ -145,6 +154,7 @@ class MirmItems(nn.Module):
             for start in range(0, ids.numel(), self.refresh_batch):
                 chunk = ids[start : start + self.refresh_batch]
                 self.table[chunk] = self._embed(self.mirm, chunk).float()
+            self.table[1:] += self.centre - self.table[1:].mean(0, keepdim=True)
         finally:
             self.mirm.train(was_training)
 
@@ -321,7 +331,7 @@ class MolarModel(nn.Module):
         (other kinds: its weights live there only), written atomically as one directory. MIRM's own
         weights (end-to-end mode) and a co-trained ID model are not part of it: scoring needs only
         DUEG and the refreshed item table."""
-        skip = ("items.mirm.", "id_model.", "dueg.encoder.")  # the encoder's weights: in its own checkpoint
+        skip = ("items.mirm.", "items.centre", "id_model.", "dueg.encoder.")  # scoring reads the table alone  # the encoder's weights: in its own checkpoint
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(skip)}
         user_model = {"decoder_class": type(self.dueg.decoder).__name__} if isinstance(self.dueg, Dueg) else {}
         meta = {"model": "molar", **asdict(self.config), **user_model, **(extra or {})}

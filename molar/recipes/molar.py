@@ -40,6 +40,18 @@ def _checkpoint_activations(module: nn.Module) -> None:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def mirm_param_groups(model: MolarModel, mirm_lr: float) -> list[dict] | None:
+    """End to end (MIRM is the item side), MIRM trains at its own peak lr ``train.mirm_lr`` and the rest (DUEG,
+    item adapter, alignment head) at ``train.lr``. What tells items apart is a small part of MIRM's states, which
+    the item adapter's whitening scales up: at the user model's lr, one step of MIRM outweighs it (on the
+    embedded default the item spread fell from 0.12 to 0.03 in one warm-up step). None with cached items."""
+    if not isinstance(model.items, MirmItems):
+        return None
+    mirm = {id(p) for p in model.items.mirm.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in mirm]
+    return [{"params": rest}, {"params": list(model.items.mirm.parameters()), "lr": mirm_lr}]
+
+
 def train_molar(
     model: MolarModel,
     train: Sequence[Sequence[int]],
@@ -116,6 +128,7 @@ def train_molar(
     result = fit(
         model, settings, batches, len(batches), objective, state_dir=state_dir, run_key=run_key,
         validate=validate, select_metric="ndcg@10", on_epoch_end=on_epoch_end, desc=desc,
+        param_groups=mirm_param_groups(model, t.mirm_lr),
     )
     if a.train_id_model:
         model.id_model.eval()
