@@ -15,7 +15,8 @@ genre set. Chance levels beside it: random Gaussian vectors through the same met
 
 Embeddings: MIRM on ``smollm2-135m+mobilenet`` (SmolLM2-135M over frozen MobileNet v1 poster features through
 the LLaVA-style projector), the ``[Cur_Item]`` state of the ``movielens`` prompt (title, then genres and year
-as attributes; the pipeline's ``default`` template only adds a description repeating them), with
+as attributes, then the poster's ``mirm.image_tokens`` soft tokens; the pipeline's ``default`` template only
+adds a description repeating them), with
 ``mirm.modalities`` text, image and text+image, by the pipeline's catalog path (``molar.embed_cache``).
 The text prompt names the genres, so the text rows ask whether the state keeps words the prompt shows; the
 image rows whether a poster alone says the genre. Image rows use the items with a poster only (an item
@@ -29,9 +30,9 @@ per task); the text row after LoRA on the text-only mixture (IT shows the title 
 ``mirm.modalities: [text]`` trains; the text prompt through the text+image SFT is a further row. The first
 ``--heldout`` examples of each task are never trained on, and their SFT loss is reported before and after. Other MIRM settings are the preset's ``mirm`` section (one epoch per stage, lr 1e-4, projector
 lr 1e-3). Why 200 per task by default: on one CPU thread (2 cores shared) an IT example of the projector stage
-takes ~0.5 s and an SA / UB example of the LoRA stage ~1.4 s (UB shows five posters and titles), so the SFT takes
-~11 min, and each pass over the catalog (three tables, SmolLM2 at 8-11 items/s with text) ~15 min: the whole
-benchmark ran in 41 min (a first run also extracts the posters' MobileNet features, ~1.5 min).
+takes ~0.5 s and an SA / UB example of the LoRA stage ~1.4 s (UB shows five posters and titles), so each SFT takes
+11-14 min, and each pass over the catalog (SmolLM2 at 7-11 items/s with text) 6-9 min: the whole benchmark ran in
+70 min with other jobs on the cores (a first run also extracts the posters' MobileNet features, ~1.5 min).
 
 Throughput: catalog-embedding items/s of each table, timed when it is computed (an image row computed first
 also pays the MobileNet extractor on posters not yet in ~/.cache/molar/image-features). The real-vs-bare
