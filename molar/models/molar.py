@@ -331,7 +331,7 @@ class MolarModel(nn.Module):
         (other kinds: its weights live there only), written atomically as one directory. MIRM's own
         weights (end-to-end mode) and a co-trained ID model are not part of it: scoring needs only
         DUEG and the refreshed item table."""
-        skip = ("items.mirm.", "items.centre", "id_model.", "dueg.encoder.")  # scoring reads the table alone  # the encoder's weights: in its own checkpoint
+        skip = ("items.mirm.", "items.centre", "id_model.", "dueg.encoder.")  # scoring reads the table; the encoder has its own checkpoint
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith(skip)}
         user_model = {"decoder_class": type(self.dueg.decoder).__name__} if isinstance(self.dueg, Dueg) else {}
         meta = {"model": "molar", **asdict(self.config), **user_model, **(extra or {})}
