@@ -28,8 +28,8 @@ text+image rows after ``mirm.finetune`` (default ``staged``: IT with posters tra
 UB and LoRA) on an ML-1M mixture of the training split with posters (``molar.sft.synthesize``, ``--sft-samples``
 per task); the text row after LoRA on the text-only mixture (IT shows the title instead of the poster), what
 ``mirm.modalities: [text]`` trains; the text prompt through the text+image SFT is a further row. The first
-``--heldout`` examples of each task are never trained on, and their SFT loss is reported before and after. Other MIRM settings are the preset's ``mirm`` section (one epoch per stage, lr 1e-4, projector
-lr 1e-3). Why 200 per task by default: on one CPU thread (2 cores shared) an IT example of the projector stage
+``--heldout`` examples of each task are never trained on, and their SFT loss is reported before and after.
+Other MIRM settings are the preset's ``mirm`` section (one epoch per stage, lr 1e-4, projector lr 1e-3). Why 200 per task by default: on one CPU thread (2 cores shared) an IT example of the projector stage
 takes ~0.5 s and an SA / UB example of the LoRA stage ~1.4 s (UB shows five posters and titles), so each SFT takes
 11-14 min, and each pass over the catalog (SmolLM2 at 7-11 items/s with text) 6-9 min: the whole benchmark ran in
 70 min with other jobs on the cores (a first run also extracts the posters' MobileNet features, ~1.5 min).
@@ -38,8 +38,9 @@ Throughput: catalog-embedding items/s of each table, timed when it is computed (
 also pays the MobileNet extractor on posters not yet in ~/.cache/molar/image-features). The real-vs-bare
 ratio is benchmarks/bench_mirm_embed.py's.
 
-Resumable: every table is cached under ``--out`` as ``<variant>.safetensors`` (keyed by checkpoint, items,
-prompt and dtype), the SFT'd checkpoint and its resumable training state under ``--out``/sft/.
+Resumable: every table is cached under ``--out`` as ``<variant>-<tag>.safetensors`` (keyed by checkpoint, items,
+prompt and dtype), each SFT'd checkpoint and its resumable training state under ``--out``/sft/ (text+image) and
+``--out``/sft-text/ (text only).
 """
 
 from __future__ import annotations
