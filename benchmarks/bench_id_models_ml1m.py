@@ -87,7 +87,7 @@ def run_model(params_path: Path, model: str, overrides: dict[str, object], threa
     wall_start = time.perf_counter()
     params = load_params(params_path)
     base = id_model_section(params, model)
-    section = base.model_validate({**base.model_dump(), **overrides})  # validated like a params file
+    section = base.model_validate({**base.model_dump(by_alias=True), **overrides})  # validated like a params file (YAML keys: duorec.lambda)
     data = load_split(params)
     n_items = data.n_items
     print(f"[{model} {run_slug(overrides)}] {data.stats['users']:,} users, {n_items:,} items ({data.seconds:.1f}s)", flush=True)

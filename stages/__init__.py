@@ -1,4 +1,4 @@
-"""The ``molar`` command line: one subcommand per DVC stage (see dvc.yaml), plus ``recommend``, ``check-metrics`` and ``significance``."""
+"""The ``molar`` command line: one subcommand per DVC stage (see dvc.yaml), plus ``recommend``, ``check-metrics``, ``significance``, ``experiment`` and ``report``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import typer
 from stages import (
     check_metrics,
     evaluate,
+    experiment,
     ingest,
     item_content,
     recommend,
+    report,
     sft_data,
     significance,
     split,
@@ -42,5 +44,7 @@ for name, module in (
     ("recommend", recommend),
     ("check-metrics", check_metrics),
     ("significance", significance),
+    ("experiment", experiment),
+    ("report", report),
 ):
     app.command(name, help=module.__doc__)(module.main)

@@ -18,6 +18,7 @@ import typer
 
 from molar.io import MODELS, PROCESSED
 from molar.errors import UserError
+from molar.gallery import top_k
 from stages.common import PARAMS_OPTION, read_params, use_threads, user_errors
 
 MODEL_DIR = MODELS / "molar"
@@ -44,28 +45,6 @@ def parse_history(text: str, item_ids: Sequence[str]) -> list[int]:
     if unknown:
         raise UserError(f"--history: unknown item id(s) {', '.join(unknown)} (not in the catalog of {PROCESSED}/items.parquet)")
     return [index[t] for t in given]
-
-
-def top_k(scores, history: Sequence[int], k: int, mask_history: bool) -> list[tuple[int, float]]:
-    """The ``k`` best (item_idx, score) from one score row [n_items + 1] (column 0 = padding).
-
-    Padding and, when ``mask_history``, the history's items are never returned; exactly ``k``
-    items come back, or an error says how many candidates there are.
-    """
-    import torch
-
-    scores = scores.detach().float().clone()
-    scores[0] = float("-inf")
-    excluded = {0}
-    if mask_history:
-        excluded |= set(int(i) for i in history)
-        scores[sorted(excluded)] = float("-inf")
-    candidates = scores.shape[0] - len(excluded)
-    if k < 1 or k > candidates:
-        raise UserError(f"--k must be between 1 and {candidates} (the catalog minus padding and masked history), got {k}")
-    # stable order among ties: highest score first, then the lower item id
-    order = torch.argsort(-scores, stable=True)[:k]
-    return [(int(i), float(scores[i])) for i in order]
 
 
 def main(

@@ -1,0 +1,299 @@
+"""Named experiment sets: the paper's tables as lists of DVC experiments, run and collected.
+
+A set is a YAML file (experiments/<name>.yaml, or any path) naming its rows::
+
+    title: "Table 3 (RQ3): Molar with image, text or image+text items"
+    reference: text-image               # the row every other row is tested against
+    set: {eval.models: [molar]}         # overrides of params.yaml for every run of the set
+    seeds: 1                            # runs per row, seeds params.seed, +1, ... (mean and 95% CI)
+    rows:
+      - {name: image, label: "Molar (image)", model: molar, set: {mirm.modalities: [image]}}
+      - ...
+
+Each row is one model of metrics/eval.json (``model``) in the pipeline run with the set's and the
+row's overrides. Rows with the same overrides share one run (table2: one pipeline run, nine
+models). A run is ``dvc exp run --temp -n <set>-<row>[-seed<S>] -S key=value ...``: DVC runs it in
+a temporary copy of the workspace (uncommitted changes included), so the workspace is never
+touched, and keeps it as an experiment (`dvc exp show`, `dvc plots diff`). Its metrics/ folder and
+params.yaml are then copied out of the experiment's commit into <out>/runs/<run>/, with run.json
+(what made it) written last: a run whose run.json matches the workspace is done and skipped, so
+an interrupted set goes on where it stopped when the command is given again. "Matches" means the
+same overrides on the same project files: the git tree of HEAD plus uncommitted changes, outside
+reports/, metrics/ and the dvc.lock files (committing a report does not make its runs stale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML, YAMLError
+
+from molar.config import parse_params
+from molar.errors import MissingInputError, UserError
+from molar.io import atomic_path, write_json
+
+SETS_DIR = Path("experiments")  # the named sets, experiments/<name>.yaml
+REPORTS = Path("reports")  # <out> of a set by default: reports/<name>/
+RUN_FILE = "run.json"  # written last into <out>/runs/<run>/: the run is complete
+# project files that do not change what a run computes (see the module docstring)
+NOT_INPUTS = ("reports", "metrics", "dvc.lock", "train/dvc.lock")
+NAME = re.compile(r"[a-z0-9][a-z0-9-]*")  # row and set names: parts of DVC experiment names
+
+
+class ExperimentError(UserError):
+    """A set file that cannot be run, or a run whose results cannot be collected."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Row(_Spec):
+    name: str = Field(pattern=NAME.pattern)
+    label: str = ""  # as the table shows it; the name where empty
+    model: str  # the eval.models entry whose metrics the row reports
+    set: dict[str, Any] = {}  # overrides of this row, after the set's
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
+
+
+class ExperimentSet(_Spec):
+    title: str
+    reference: str  # a row name
+    set: dict[str, Any] = {}
+    seeds: int = Field(1, ge=1)
+    rows: list[Row] = Field(min_length=1)
+    notes: str = ""  # printed under the table (what the set shows, what it leaves out)
+
+    @model_validator(mode="after")
+    def _rows_named_once(self) -> "ExperimentSet":
+        names = [r.name for r in self.rows]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"row names must be unique; twice: {', '.join(twice)}")
+        if self.reference not in names:
+            raise ValueError(f"reference {self.reference!r} is not a row; rows: {', '.join(names)}")
+        return self
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+
+class Run(BaseModel):
+    """One pipeline run of a set: a DVC experiment, and the rows that read their model from it."""
+
+    name: str  # the experiment name, also the folder <out>/runs/<name>/
+    overrides: dict[str, Any]  # key -> value, as `dvc exp run -S` sets them
+    rows: list[str]
+    seed: int | None = None  # None: params.yaml's own seed (one seed per row)
+
+    def set_args(self) -> list[str]:
+        """``-S key=value`` arguments: values as JSON, which DVC reads as YAML (strings stay strings)."""
+        args = []
+        for key, value in self.overrides.items():
+            args += ["-S", f"{key}={json.dumps(value)}"]
+        return args
+
+
+def set_path(name_or_path: str) -> Path:
+    """experiments/<name>.yaml for a set name, else the path given."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return SETS_DIR / f"{name_or_path}.yaml"
+
+
+def set_name(path: Path) -> str:
+    name = path.stem.lower()
+    if not NAME.fullmatch(name):
+        raise ExperimentError(f"{path}: a set file's name must be lower-case letters, digits and '-' (it names DVC experiments)")
+    return name
+
+
+def load_set(path: Path) -> ExperimentSet:
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SETS_DIR.glob("*.yaml"))) or "none"
+        raise MissingInputError(f"{path}: no such experiment set (sets in {SETS_DIR}/: {known})")
+    try:
+        raw = YAML(typ="safe").load(path.read_text())
+    except YAMLError as err:
+        raise ExperimentError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return ExperimentSet.model_validate(raw)
+    except ValidationError as err:
+        problems = "\n  ".join(f"{'.'.join(str(p) for p in e['loc']) or 'top level'}: {e['msg']}" for e in err.errors())
+        raise ExperimentError(f"{path}: not a valid experiment set:\n  {problems}") from None
+
+
+def plan_runs(spec: ExperimentSet, name: str, base_seed: int, seeds: int | None = None, extra: dict[str, Any] | None = None) -> list[Run]:
+    """The runs of set ``spec`` (called ``name``): rows grouped by their overrides, times seeds.
+
+    Overrides apply in order: the set's, the row's, then ``extra`` (the command line's --set).
+    With more than one seed each run gets ``seed = base_seed + i`` and a ``-seed<S>`` name suffix.
+    """
+    groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for row in spec.rows:
+        overrides = {**spec.set, **row.set, **(extra or {})}
+        key = json.dumps(overrides, sort_keys=True)
+        groups.setdefault(key, (overrides, []))[1].append(row.name)
+    n_seeds = seeds or spec.seeds
+    runs = []
+    for overrides, rows in groups.values():
+        run_name = f"{name}-{rows[0]}" if len(groups) > 1 else name
+        for i in range(n_seeds):
+            if n_seeds == 1:
+                runs.append(Run(name=run_name, overrides=overrides, rows=rows))
+            else:
+                seed = base_seed + i
+                runs.append(Run(name=f"{run_name}-seed{seed}", overrides={**overrides, "seed": seed}, rows=rows, seed=seed))
+    return runs
+
+
+def apply_overrides(params_text: str, overrides: dict[str, Any]) -> dict:
+    """params.yaml's mapping with dotted ``overrides`` set, as `dvc exp run -S` sets them."""
+    raw = YAML(typ="safe").load(params_text) or {}
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ExperimentError(f"override {dotted}: {part} is not a section of params.yaml")
+        node[leaf] = value
+    return raw
+
+
+def check_runs(runs: Sequence[Run], params_text: str, source: Path) -> None:
+    """Each run's params, validated as a stage would read them, before any run starts: a typo in
+    a row costs a second, not the hours of the rows before it."""
+    for run in runs:
+        stream = io.StringIO()
+        YAML(typ="safe").dump(apply_overrides(params_text, run.overrides), stream)
+        where = f"params.yaml + run {run.name}"
+        try:
+            parse_params(stream.getvalue(), where)
+        except UserError as err:  # its line numbers are of the combined text, not of a file: dropped
+            problem = re.sub(rf"{re.escape(where)}:\d+:", f"{where}:", str(err))
+            raise ExperimentError(f"{source}: run {run.name} (rows {', '.join(run.rows)}) has params the stages reject:\n{problem}") from None
+
+
+def _git(args: list[str], cwd: Path, *, binary: bool = False) -> Any:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True)
+    if proc.returncode != 0:
+        raise ExperimentError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout if binary else proc.stdout.decode()
+
+
+def workspace_key(repo: Path) -> str:
+    """A digest of the project files a run reads: HEAD's tree, the uncommitted changes and the
+    untracked files git does not ignore, all without NOT_INPUTS (module docstring)."""
+    outside = [f":!{p}" for p in NOT_INPUTS]
+    tree = [line for line in _git(["ls-tree", "HEAD"], repo).splitlines() if line.split("\t", 1)[-1] not in NOT_INPUTS]
+    digest = hashlib.sha256("\n".join(tree).encode())
+    digest.update(_git(["diff", "HEAD", "--binary", "--", ".", *outside], repo, binary=True))
+    untracked = _git(["ls-files", "--others", "--exclude-standard", "-z", "--", ".", *outside], repo).split("\0")
+    for rel in sorted(filter(None, untracked)):  # new files a run copies too (dvc exp run --temp takes them)
+        digest.update(rel.encode() + b"\0" + (repo / rel).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_record(run: Run, key: str) -> dict:
+    """What run.json must hold for ``run`` to count as done for this workspace."""
+    return {"run": run.name, "rows": run.rows, "overrides": run.overrides, "workspace_key": key}
+
+
+def is_done(run_dir: Path, record: dict) -> bool:
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    return all(saved.get(k) == v for k, v in record.items())
+
+
+def tool_env() -> dict:
+    """The environment with this interpreter's scripts first on PATH: dvc.yaml runs `molar`."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def experiment_ref(repo: Path, exp_name: str) -> str:
+    """The git ref of experiment ``exp_name`` of the current HEAD (DVC keeps refs/exps/<sha[:2]>/<sha[2:]>/<name>)."""
+    head = _git(["rev-parse", "HEAD"], repo).strip()
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/{exp_name}"
+    if not _git(["for-each-ref", ref], repo).strip():
+        raise ExperimentError(f"no DVC experiment {exp_name!r} of HEAD {head[:7]} after `dvc exp run`; see its output above")
+    return ref
+
+
+def collect(repo: Path, ref: str, run_dir: Path, record: dict) -> None:
+    """Copy metrics/ and params.yaml of the experiment commit ``ref`` into ``run_dir``, then run.json."""
+    archive = _git(["archive", "--format=tar", ref, "metrics", "params.yaml"], repo, binary=True)
+    with atomic_path(run_dir) as tmp:
+        tmp.mkdir()
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        commit = _git(["rev-parse", ref], repo).strip()
+        write_json({**record, "experiment": ref.rsplit("/", 1)[-1], "commit": commit, "collected": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, tmp / RUN_FILE)
+
+
+def run_set(
+    path: Path, out: Path, repo: Path = Path("."), *, seeds: int | None = None, extra: dict[str, Any] | None = None,
+    fresh: bool = False, dry_run: bool = False, command: str = "", echo=print,
+) -> list[Run]:
+    """Run every run of the set at ``path`` not already done in ``out``/runs/, collect each; return the runs.
+
+    ``fresh`` reruns runs that are done; ``dry_run`` only prints the `dvc exp run` commands;
+    ``command`` (the command line that ran the set) is kept in run.json for the report.
+    """
+    spec = load_set(path)
+    name = set_name(path)
+    params_text = (repo / "params.yaml").read_text()
+    base_seed = YAML(typ="safe").load(params_text).get("seed", 0)
+    runs = plan_runs(spec, name, base_seed, seeds, extra)
+    check_runs(runs, params_text, path)
+    key = workspace_key(repo)
+    for i, run in enumerate(runs, 1):
+        run_dir = out / "runs" / run.name
+        record = run_record(run, key)
+        cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-f", "-n", run.name, *run.set_args()]
+        shown = shlex.join(["dvc", *cmd[3:]])
+        if not fresh and is_done(run_dir, record):
+            echo(f"[{i}/{len(runs)}] {run.name}: done ({run_dir}/{RUN_FILE}), skipped")
+            continue
+        stale = " (its earlier results are from other project files or overrides)" if (run_dir / RUN_FILE).is_file() and not fresh else ""
+        echo(f"[{i}/{len(runs)}] {run.name}{stale}: {shown}")
+        if dry_run:
+            continue
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=repo, env=tool_env())
+        if proc.returncode != 0:
+            raise ExperimentError(f"run {run.name}: `{shown}` exited {proc.returncode}; fix what its output says, then run the set again (done runs are kept)")
+        collect(repo, experiment_ref(repo, run.name), run_dir, {**record, "seconds": round(time.perf_counter() - started, 1), "command": command})
+        echo(f"[{i}/{len(runs)}] {run.name}: collected into {run_dir}/ ({time.perf_counter() - started:.0f} s)")
+    return runs
+
+
+def parse_set_option(values: Sequence[str]) -> dict[str, Any]:
+    """--set KEY=VALUE options -> overrides, each VALUE read as YAML (as `dvc exp run -S` does)."""
+    out = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ExperimentError(f"--set {text!r}: write KEY=VALUE, e.g. --set train.epochs=3")
+        out[key.strip()] = YAML(typ="safe").load(value) if value.strip() else ""
+    return out

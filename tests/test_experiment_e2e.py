@@ -1,0 +1,51 @@
+"""End-to-end: the smallest experiment set (appendix-a: two runs) through `molar experiment` and
+`molar report`, on the embedded default with shortened schedules, the way the README runs a table."""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+
+import pytest
+from e2e_repo import DVC, git_copy, run, tool_env  # tests/e2e_repo.py
+
+# fewer epochs: the runs only have to be real, not good
+SHORT = ["--set", "mirm.epochs=1", "--set", "sasrec.epochs=3", "--set", "train.epochs=3"]
+
+
+@pytest.mark.slow
+def test_smallest_set_runs_as_dvc_experiments_and_reports_every_row(tmp_path):
+    work, env = tmp_path, tool_env()
+    git_copy(work, env)
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-q", "-m", "baseline"], work, env)
+    molar = [sys.executable, "-m", "stages"]
+    out = run([*molar, "experiment", "appendix-a", *SHORT], work, env)
+    assert "[2/2] appendix-a-tiny-lora: collected" in out, out
+
+    # DVC keeps both runs as experiments; the workspace itself is left as it was
+    assert set(run([*DVC, "exp", "list", "--name-only"], work, env).split()) == {"appendix-a-tiny-full", "appendix-a-tiny-lora"}
+    changed = run(["git", "status", "--porcelain", "--untracked-files=all"], work, env).splitlines()
+    assert changed and all(line.startswith("?? reports/appendix-a/") for line in changed), changed
+
+    report = (work / "reports" / "appendix-a" / "README.md").read_text()
+    header = "| Model | NDCG@10 | Recall@10 | NDCG@20 | Recall@20 | NDCG@50 | Recall@50 |"  # eval.ks of params.yaml
+    assert header in report
+    table = report.split(header)[1].split("\n\n")[0]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.strip().split("\n")[1:]}
+    assert set(rows) == {"tiny Qwen2-VL (full)", "tiny Qwen2-VL (LoRA)"}
+    numbers = list(csv.DictReader((work / "reports" / "appendix-a" / "table.csv").open()))
+    for column, metric in enumerate(["ndcg@10", "recall@10", "ndcg@20", "recall@20", "ndcg@50", "recall@50"]):
+        values = {r["label"]: round(float(r[metric]), 4) for r in numbers}
+        best = max(values.values())
+        for label, value in values.items():  # bold where best, underlined where second, as the numbers say
+            cell = rows[label][column].strip(" |")
+            expected = f"**{value:.4f}**" if value == best else f"<u>{value:.4f}</u>"
+            assert cell == expected, (label, metric, cell, values)
+    # the reference row against itself: every p is 1
+    assert re.search(r"\| tiny Qwen2-VL \(full\) \| [0-9.]+ \| \+0\.0000 \| 1 \| 1 \| 1 \| 400 \|", report), report
+    assert (work / "reports" / "appendix-a" / "by_k.png").stat().st_size > 0
+
+    again = run([*molar, "experiment", "appendix-a", *SHORT], work, env)  # done runs are skipped
+    assert again.count(": done (") == 2, again
