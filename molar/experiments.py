@@ -201,6 +201,8 @@ def _git(args: list[str], cwd: Path, *, binary: bool = False) -> Any:
 def workspace_key(repo: Path) -> str:
     """A digest of the project files a run reads: HEAD's tree, the uncommitted changes and the
     untracked files git does not ignore, all without NOT_INPUTS (module docstring)."""
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo, capture_output=True).returncode != 0:
+        raise ExperimentError(f"{repo.resolve()}: not a git repository with a commit; DVC experiments start from one (git add -A && git commit)")
     outside = [f":!{p}" for p in NOT_INPUTS]
     tree = [line for line in _git(["ls-tree", "HEAD"], repo).splitlines() if line.split("\t", 1)[-1] not in NOT_INPUTS]
     digest = hashlib.sha256("\n".join(tree).encode())
@@ -231,13 +233,26 @@ def tool_env() -> dict:
     return env
 
 
-def experiment_ref(repo: Path, exp_name: str) -> str:
-    """The git ref of experiment ``exp_name`` of the current HEAD (DVC keeps refs/exps/<sha[:2]>/<sha[2:]>/<name>)."""
+def _ref_of(repo: Path, exp_name: str) -> str:
+    """Where DVC keeps experiment ``exp_name`` of the current HEAD: refs/exps/<sha[:2]>/<sha[2:]>/<name>."""
     head = _git(["rev-parse", "HEAD"], repo).strip()
-    ref = f"refs/exps/{head[:2]}/{head[2:]}/{exp_name}"
+    return f"refs/exps/{head[:2]}/{head[2:]}/{exp_name}"
+
+
+def experiment_ref(repo: Path, exp_name: str) -> str:
+    """The git ref of experiment ``exp_name`` of the current HEAD, which `dvc exp run` just made."""
+    ref = _ref_of(repo, exp_name)
     if not _git(["for-each-ref", ref], repo).strip():
-        raise ExperimentError(f"no DVC experiment {exp_name!r} of HEAD {head[:7]} after `dvc exp run`; see its output above")
+        raise ExperimentError(f"no DVC experiment {exp_name!r} of HEAD after `dvc exp run`; see its output above")
     return ref
+
+
+def remove_experiment(repo: Path, exp_name: str) -> None:
+    """Drop an earlier experiment ``exp_name`` of HEAD (a rerun takes its name), if there is one."""
+    if _git(["for-each-ref", _ref_of(repo, exp_name)], repo).strip():
+        proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", exp_name], cwd=repo, env=tool_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ExperimentError(f"`dvc exp remove {exp_name}` failed (needed to rerun it): {proc.stderr.strip()}")
 
 
 def collect(repo: Path, ref: str, run_dir: Path, record: dict) -> None:
@@ -270,7 +285,9 @@ def run_set(
     for i, run in enumerate(runs, 1):
         run_dir = out / "runs" / run.name
         record = run_record(run, key)
-        cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-f", "-n", run.name, *run.set_args()]
+        # no -f: for `dvc exp run` it also means "rerun every stage"; an earlier experiment of this
+        # name is removed instead (remove_experiment), so stages the overrides leave alone are skipped
+        cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", run.name, *run.set_args()]
         shown = shlex.join(["dvc", *cmd[3:]])
         if not fresh and is_done(run_dir, record):
             echo(f"[{i}/{len(runs)}] {run.name}: done ({run_dir}/{RUN_FILE}), skipped")
@@ -280,6 +297,7 @@ def run_set(
         if dry_run:
             continue
         started = time.perf_counter()
+        remove_experiment(repo, run.name)
         proc = subprocess.run(cmd, cwd=repo, env=tool_env())
         if proc.returncode != 0:
             raise ExperimentError(f"run {run.name}: `{shown}` exited {proc.returncode}; fix what its output says, then run the set again (done runs are kept)")

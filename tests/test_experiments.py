@@ -179,3 +179,20 @@ def test_table3_on_the_staged_preset_says_why_its_text_row_cannot_run():
     with pytest.raises(ExperimentError, match="run table3-text.*finetune: staged trains the projector"):
         check_runs(plan_runs(load_set(REPO / "experiments/table3.yaml"), "table3", 42),
                    (REPO / "params-ml1m-posters.yaml").read_text(), Path("experiments/table3.yaml"))
+
+
+def test_dry_run_prints_one_temp_experiment_per_run_without_forcing_every_stage(tmp_path):
+    from molar.experiments import run_set
+
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_file = tmp_path / "demo.yaml"
+    set_file.write_text("title: t\nreference: a\nrows:\n  - {name: a, model: molar}\n  - {name: b, model: molar, set: {align.alpha: 0.0}}\n")
+    with pytest.raises(ExperimentError, match="not a git repository with a commit"):
+        run_set(set_file, tmp_path / "out", tmp_path, dry_run=True)
+    _git(tmp_path, "-c", "user.email=t@t.invalid", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x")
+    lines: list[str] = []
+    run_set(set_file, tmp_path / "out", tmp_path, dry_run=True, echo=lines.append)
+    # -f would make `dvc exp run` rerun stages the overrides leave alone
+    assert lines == ["[1/2] demo-a: dvc exp run --temp -n demo-a", "[2/2] demo-b: dvc exp run --temp -n demo-b -S align.alpha=0.0"]
+    assert not (tmp_path / "out").exists()
