@@ -18,8 +18,9 @@ touched, and keeps it as an experiment (`dvc exp show`, `dvc plots diff`). Its m
 params.yaml are then copied out of the experiment's commit into <out>/runs/<run>/, with run.json
 (what made it) written last: a run whose run.json matches the workspace is done and skipped, so
 an interrupted set goes on where it stopped when the command is given again. "Matches" means the
-same overrides on the same project files: the git tree of HEAD plus uncommitted changes, outside
-reports/, metrics/ and the dvc.lock files (committing a report does not make its runs stale).
+same overrides on the same project files: the files of HEAD plus uncommitted changes, outside
+reports/, metrics/, the dvc.lock files and what no stage reads (documentation, tests, benchmarks,
+the set files), so committing a report or editing the README does not make its runs stale.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from molar.io import atomic_path, write_json
 SETS_DIR = Path("experiments")  # the named sets, experiments/<name>.yaml
 REPORTS = Path("reports")  # <out> of a set by default: reports/<name>/
 RUN_FILE = "run.json"  # written last into <out>/runs/<run>/: the run is complete
-# project files that do not change what a run computes (see the module docstring)
-NOT_INPUTS = ("reports", "metrics", "dvc.lock", "train/dvc.lock")
+# project files that do not change what a run computes (git pathspecs; see the module docstring):
+# results and locks, and what no stage reads (documentation, tests, benchmarks, the set files,
+# whose overrides each run.json records itself)
+NOT_INPUTS = ("reports", "metrics", "dvc.lock", "train/dvc.lock", "tests", "benchmarks", "experiments", "*.md")
 NAME = re.compile(r"[a-z0-9][a-z0-9-]*")  # row and set names: parts of DVC experiment names
 
 
@@ -199,13 +202,13 @@ def _git(args: list[str], cwd: Path, *, binary: bool = False) -> Any:
 
 
 def workspace_key(repo: Path) -> str:
-    """A digest of the project files a run reads: HEAD's tree, the uncommitted changes and the
-    untracked files git does not ignore, all without NOT_INPUTS (module docstring)."""
+    """A digest of the project files a run reads: the tracked files (as git's index has them), their
+    uncommitted changes and the untracked files git does not ignore, all without NOT_INPUTS."""
     if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo, capture_output=True).returncode != 0:
         raise ExperimentError(f"{repo.resolve()}: not a git repository with a commit; DVC experiments start from one (git add -A && git commit)")
     outside = [f":!{p}" for p in NOT_INPUTS]
-    tree = [line for line in _git(["ls-tree", "HEAD"], repo).splitlines() if line.split("\t", 1)[-1] not in NOT_INPUTS]
-    digest = hashlib.sha256("\n".join(tree).encode())
+    tree = _git(["ls-files", "--stage", "--", ".", *outside], repo)  # mode, blob hash and path of each tracked file
+    digest = hashlib.sha256(tree.encode())
     digest.update(_git(["diff", "HEAD", "--binary", "--", ".", *outside], repo, binary=True))
     untracked = _git(["ls-files", "--others", "--exclude-standard", "-z", "--", ".", *outside], repo).split("\0")
     for rel in sorted(filter(None, untracked)):  # new files a run copies too (dvc exp run --temp takes them)

@@ -156,8 +156,11 @@ def test_workspace_key_follows_project_files_not_reports_metrics_or_locks(tmp_pa
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "eval.json").write_text("{}")
     (tmp_path / "dvc.lock").write_text("b\n")
+    (tmp_path / "README.md").write_text("docs")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text("def test(): pass\n")
     _git(tmp_path, "add", "-A")
-    _git(tmp_path, "commit", "-qm", "results")  # committing results leaves the runs valid
+    _git(tmp_path, "commit", "-qm", "results")  # committing results, docs or tests leaves the runs valid
     assert workspace_key(tmp_path) == key
     (tmp_path / "params.yaml").write_text("seed: 2\n")  # an uncommitted change
     changed = workspace_key(tmp_path)
