@@ -265,8 +265,20 @@ def collect(repo: Path, ref: str, run_dir: Path, record: dict) -> None:
         tmp.mkdir()
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tmp, filter="data")
+        drop_unevaluated(tmp)
         commit = _git(["rev-parse", ref], repo).strip()
         write_json({**record, "experiment": ref.rsplit("/", 1)[-1], "commit": commit, "collected": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, tmp / RUN_FILE)
+
+
+def drop_unevaluated(run_dir: Path) -> None:
+    """Remove metrics/by_model/<model>/ of models outside the run's eval.models: files the
+    experiment commit only carried over from its baseline, not results of this run."""
+    import shutil
+
+    evaluated = set(YAML(typ="safe").load((run_dir / "params.yaml").read_text())["eval"]["models"])
+    for model_dir in sorted((run_dir / "metrics" / "by_model").glob("*")):
+        if model_dir.name not in evaluated:
+            shutil.rmtree(model_dir)
 
 
 def run_set(

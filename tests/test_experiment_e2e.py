@@ -46,6 +46,9 @@ def test_smallest_set_runs_as_dvc_experiments_and_reports_every_row(tmp_path):
     # the reference row against itself: every p is 1
     assert re.search(r"\| tiny Qwen2-VL \(full\) \| [0-9.]+ \| \+0\.0000 \| 1 \| 1 \| 1 \| 400 \|", report), report
     assert (work / "reports" / "appendix-a" / "by_k.png").stat().st_size > 0
+    run_dir = work / "reports" / "appendix-a" / "runs" / "appendix-a-tiny-lora"
+    assert "finetune: lora" in (run_dir / "params.yaml").read_text()  # the row's override, as the run had it
+    assert [p.name for p in (run_dir / "metrics" / "by_model").iterdir()] == ["molar"]  # only what the run evaluated
 
     again = run([*molar, "experiment", "appendix-a", *SHORT], work, env)  # done runs are skipped
     assert again.count(": done (") == 2, again
