@@ -81,7 +81,7 @@ def test_largest_seed_every_seeded_library_takes_is_allowed():
     torch.manual_seed(seed)
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-ml1m.yaml", "params-ml1m-fast.yaml", "params-ml1m-posters.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "params-ml1m.yaml", "params-ml1m-fast.yaml", "params-ml1m-posters.yaml", "params-ml100k.yaml"])
 def test_params_survive_dvcs_rewrite(tmp_path, name):
     """`dvc exp run -S align.alpha=0.5` rewrites the whole file in its own style (block lists,
     "no" unquoted): every other value must keep its meaning."""
@@ -109,17 +109,19 @@ def _key_paths(tree, prefix=""):
     return keys
 
 
-def test_real_data_preset_has_every_key_of_params_yaml():
-    """The README's real-data command copies params-ml1m-posters.yaml over params.yaml, so it must list what
-    the stages name as DVC params (a key missing there stops `dvc repro`): the same keys as params.yaml."""
+@pytest.mark.parametrize("name, source, modalities", [
+    ("params-ml1m-posters.yaml", "sasrec-txt", ["text", "image"]), ("params-ml100k.yaml", "movielens", ["text"])])
+def test_real_data_preset_has_every_key_of_params_yaml(name, source, modalities):
+    """The README's real-data commands copy a preset over params.yaml, so it must list what the stages
+    name as DVC params (a key missing there stops `dvc repro`): the same keys as params.yaml."""
     import yaml
 
     default = yaml.safe_load((REPO / "params.yaml").read_text())
-    preset = yaml.safe_load((REPO / "params-ml1m-posters.yaml").read_text())
+    preset = yaml.safe_load((REPO / name).read_text())
     assert _key_paths(preset) == _key_paths(default)
-    params = load_params(REPO / "params-ml1m-posters.yaml")
-    assert params.data.source == "sasrec-txt" and params.mirm.backbone == "smollm2-135m+mobilenet"
-    assert params.mirm.modalities == ["text", "image"]
+    params = load_params(REPO / name)
+    assert params.data.source == source and params.mirm.backbone == "smollm2-135m+mobilenet"
+    assert params.mirm.modalities == modalities
 
 
 def test_duorec_lambda_is_set_as_dvc_exp_run_sets_it(tmp_path):
