@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -273,8 +274,6 @@ def collect(repo: Path, ref: str, run_dir: Path, record: dict) -> None:
 def drop_unevaluated(run_dir: Path) -> None:
     """Remove metrics/by_model/<model>/ of models outside the run's eval.models: files the
     experiment commit only carried over from its baseline, not results of this run."""
-    import shutil
-
     evaluated = set(YAML(typ="safe").load((run_dir / "params.yaml").read_text())["eval"]["models"])
     for model_dir in sorted((run_dir / "metrics" / "by_model").glob("*")):
         if model_dir.name not in evaluated:

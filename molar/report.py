@@ -158,9 +158,10 @@ def _p(value: float) -> str:
     return f"{value:.3g}" if value >= 1e-4 else f"{value:.1e}"
 
 
-def build_report(spec: ExperimentSet, set_name: str, out: Path, command: str = "") -> dict:
-    """Compute every number of the report: ``{"ks", "metrics", "rows": [...]}`` (one dict per row)."""
-    results = gather(spec, load_runs(out))
+def build_report(spec: ExperimentSet, set_name: str, out: Path, command: str = "", runs: list[CollectedRun] | None = None) -> dict:
+    """Compute every number of the report: ``{"ks", "metrics", "rows": [...]}`` (one dict per row),
+    from ``runs`` (default: the runs collected in ``out``)."""
+    results = gather(spec, load_runs(out) if runs is None else runs)
     ks = eval_ks(results)
     metric_names = [f"{m}@{k}" for k in ks for m in ("ndcg", "recall")]
     test_metric = f"ndcg@{ks[0]}"
@@ -260,11 +261,11 @@ def plot_by_k(report: dict, path: Path) -> None:
 
 def write_report(spec: ExperimentSet, set_name: str, out: Path, command: str = "") -> dict:
     """README.md, table.csv and by_k.png of the set's collected runs in ``out``; returns the numbers."""
+    collected = load_runs(out)
     if not command:
-        recorded = [r.record.get("command", "") for r in load_runs(out)]
-        command = next((c for c in recorded if c), "")
-    report = build_report(spec, set_name, out, command)
-    runs = [run for run in load_runs(out) if any(run.name in r["runs"] for r in report["rows"])]
+        command = next((c for c in (r.record.get("command", "") for r in collected) if c), "")
+    report = build_report(spec, set_name, out, command, collected)
+    runs = [run for run in collected if any(run.name in r["runs"] for r in report["rows"])]
     plot_by_k(report, out / "by_k.png")
     with atomic_path(out / "table.csv") as tmp:
         tmp.write_text(table_csv(report))
