@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from molar.experiments import tool_env  # noqa: F401 (the e2e tests' environment: this interpreter's scripts first on PATH)
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
@@ -34,12 +35,6 @@ def git_copy(dst: Path, env: dict) -> None:
     run(["git", "config", "user.name", "molar tests"], dst, env)
     run(["git", "config", "user.email", "tests@molar.invalid"], dst, env)
 
-
-def tool_env() -> dict:
-    """The environment with this interpreter's scripts first on PATH (dvc.yaml runs `molar`)."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
