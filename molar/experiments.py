@@ -21,6 +21,14 @@ an interrupted set goes on where it stopped when the command is given again. "Ma
 same overrides on the same project files: the files of HEAD plus uncommitted changes, outside
 reports/, metrics/, the dvc.lock files and what no stage reads (documentation, tests, benchmarks,
 the set files), so committing a report or editing the README does not make its runs stale.
+
+With ``workspace=True`` a run is ``dvc exp run -n ... -S ...`` in the workspace itself: the training
+stages keep their resumable state (data/state), so a run interrupted mid-training continues where
+it stopped, and stages whose params a run leaves alone are not run again (on ML-1M, the SASRec-CE
+reference trains once for a whole set instead of once per run). Before each run params.yaml is
+put back as it was when the set started (kept in .dvc/tmp/, WORKSPACE_BASE, while the set runs:
+an interrupted set restores it first), and again at the end; data/ and the dvc.lock files are
+left as the last run made them.
 """
 
 from __future__ import annotations
@@ -53,6 +61,9 @@ RUN_FILE = "run.json"  # written last into <out>/runs/<run>/: the run is complet
 # results and locks, and what no stage reads (documentation, tests, benchmarks, the set files,
 # whose overrides each run.json records itself)
 NOT_INPUTS = ("reports", "metrics", "dvc.lock", "train/dvc.lock", "tests", "benchmarks", "experiments", "*.md")
+# params.yaml as it was when a workspace-mode set started, kept while it runs (.dvc/tmp is
+# git-ignored, so it is not a project file of workspace_key)
+WORKSPACE_BASE = Path(".dvc") / "tmp" / "molar-experiment-base-params.yaml"
 NAME = re.compile(r"[a-z0-9][a-z0-9-]*")  # row and set names: parts of DVC experiment names
 
 
@@ -280,43 +291,70 @@ def drop_unevaluated(run_dir: Path) -> None:
             shutil.rmtree(model_dir)
 
 
+def _put_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def restore_interrupted_base(repo: Path, echo=print) -> None:
+    """Put back params.yaml as it was before a workspace-mode set that was stopped mid-run."""
+    base = repo / WORKSPACE_BASE
+    if base.is_file():
+        _put_text(repo / "params.yaml", base.read_text())
+        base.unlink()
+        echo(f"params.yaml: restored from {WORKSPACE_BASE} (a workspace-mode set was stopped before it could put it back)")
+
+
 def run_set(
     path: Path, out: Path, repo: Path = Path("."), *, seeds: int | None = None, extra: dict[str, Any] | None = None,
-    fresh: bool = False, dry_run: bool = False, command: str = "", echo=print,
+    fresh: bool = False, dry_run: bool = False, workspace: bool = False, command: str = "", echo=print,
 ) -> list[Run]:
     """Run every run of the set at ``path`` not already done in ``out``/runs/, collect each; return the runs.
 
     ``fresh`` reruns runs that are done; ``dry_run`` only prints the `dvc exp run` commands;
+    ``workspace`` runs them in the workspace instead of temporary copies (module docstring);
     ``command`` (the command line that ran the set) is kept in run.json for the report.
     """
     spec = load_set(path)
     name = set_name(path)
+    if workspace and not dry_run:
+        restore_interrupted_base(repo, echo)
     params_text = (repo / "params.yaml").read_text()
     base_seed = YAML(typ="safe").load(params_text).get("seed", 0)
     runs = plan_runs(spec, name, base_seed, seeds, extra)
     check_runs(runs, params_text, path)
     key = workspace_key(repo)
-    for i, run in enumerate(runs, 1):
-        run_dir = out / "runs" / run.name
-        record = run_record(run, key)
-        # no -f: for `dvc exp run` it also means "rerun every stage"; an earlier experiment of this
-        # name is removed instead (remove_experiment), so stages the overrides leave alone are skipped
-        cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", run.name, *run.set_args()]
-        shown = shlex.join(["dvc", *cmd[3:]])
-        if not fresh and is_done(run_dir, record):
-            echo(f"[{i}/{len(runs)}] {run.name}: done ({run_dir}/{RUN_FILE}), skipped")
-            continue
-        stale = " (its earlier results are from other project files or overrides)" if (run_dir / RUN_FILE).is_file() and not fresh else ""
-        echo(f"[{i}/{len(runs)}] {run.name}{stale}: {shown}")
-        if dry_run:
-            continue
-        started = time.perf_counter()
-        remove_experiment(repo, run.name)
-        proc = subprocess.run(cmd, cwd=repo, env=tool_env())
-        if proc.returncode != 0:
-            raise ExperimentError(f"run {run.name}: `{shown}` exited {proc.returncode}; fix what its output says, then run the set again (done runs are kept)")
-        collect(repo, experiment_ref(repo, run.name), run_dir, {**record, "seconds": round(time.perf_counter() - started, 1), "command": command})
-        echo(f"[{i}/{len(runs)}] {run.name}: collected into {run_dir}/ ({time.perf_counter() - started:.0f} s)")
+    try:
+        for i, run in enumerate(runs, 1):
+            run_dir = out / "runs" / run.name
+            record = run_record(run, key)
+            # no -f: for `dvc exp run` it also means "rerun every stage"; an earlier experiment of this
+            # name is removed instead (remove_experiment), so stages the overrides leave alone are skipped
+            where = [] if workspace else ["--temp"]
+            cmd = [sys.executable, "-m", "dvc", "exp", "run", *where, "-n", run.name, *run.set_args()]
+            shown = shlex.join(["dvc", *cmd[3:]])
+            if not fresh and is_done(run_dir, record):
+                echo(f"[{i}/{len(runs)}] {run.name}: done ({run_dir}/{RUN_FILE}), skipped")
+                continue
+            stale = " (its earlier results are from other project files or overrides)" if (run_dir / RUN_FILE).is_file() and not fresh else ""
+            echo(f"[{i}/{len(runs)}] {run.name}{stale}: {shown}")
+            if dry_run:
+                continue
+            started = time.perf_counter()
+            remove_experiment(repo, run.name)
+            if workspace:  # each run's -S applies to the set's params, not to the previous run's
+                _put_text(repo / WORKSPACE_BASE, params_text)
+                _put_text(repo / "params.yaml", params_text)
+            proc = subprocess.run(cmd, cwd=repo, env=tool_env())
+            if proc.returncode != 0:
+                raise ExperimentError(f"run {run.name}: `{shown}` exited {proc.returncode}; fix what its output says, then run the set again (done runs are kept)")
+            collect(repo, experiment_ref(repo, run.name), run_dir, {**record, "seconds": round(time.perf_counter() - started, 1), "command": command})
+            echo(f"[{i}/{len(runs)}] {run.name}: collected into {run_dir}/ ({time.perf_counter() - started:.0f} s)")
+    finally:
+        if workspace and (repo / WORKSPACE_BASE).is_file():
+            _put_text(repo / "params.yaml", params_text)
+            (repo / WORKSPACE_BASE).unlink()
+            echo("params.yaml: put back as it was before the set (data/ and the dvc.lock files hold the last run; `dvc repro` rebuilds them for it)")
     return runs
 
 

@@ -11,6 +11,8 @@ import sys
 import pytest
 from e2e_repo import DVC, git_copy, run, tool_env  # tests/e2e_repo.py
 
+from molar.experiments import WORKSPACE_BASE
+
 # fewer epochs: the runs only have to be real, not good
 SHORT = ["--set", "mirm.epochs=1", "--set", "sasrec.epochs=3", "--set", "train.epochs=3"]
 
@@ -54,3 +56,48 @@ def test_smallest_set_runs_as_dvc_experiments_and_reports_every_row(tmp_path):
 
     again = run([*molar, "experiment", "appendix-a", *SHORT], work, env)  # done runs are skipped
     assert again.count(": done (") == 2, again
+
+
+WORKSPACE_SET = """\
+title: two runs, the second evaluating one more model
+reference: first
+set: {eval.models: [sasrec]}
+rows:
+  - {name: first, model: sasrec}
+  - {name: second, model: sasrec, set: {eval.models: [popularity, sasrec]}}
+"""
+
+
+@pytest.mark.slow
+def test_workspace_mode_keeps_training_between_runs_and_puts_params_back(tmp_path):
+    work, env = tmp_path / "repo", tool_env()
+    work.mkdir()
+    git_copy(work, env)
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-q", "-m", "baseline"], work, env)
+    set_file = tmp_path / "two.yaml"
+    set_file.write_text(WORKSPACE_SET)
+    params = (work / "params.yaml").read_text()
+    molar = [sys.executable, "-m", "stages", "experiment", str(set_file), "--workspace", "--set", "sasrec.epochs=2"]
+
+    out = run(molar, work, env)
+    assert "[2/2] two-second: collected" in out, out
+    second = out.split("[2/2] two-second")[1]
+    # the second run adds a model: in the workspace its SASRec is the first run's, neither retrained nor re-evaluated
+    assert "Stage 'train/dvc.yaml:train-id@sasrec' didn't change, skipping" in second, second
+    assert "Stage 'evaluate-model@sasrec' didn't change, skipping" in second, second
+    assert "Running stage 'evaluate-model@popularity'" in second, second
+    assert (work / "params.yaml").read_text() == params  # put back after the set
+    assert not (work / WORKSPACE_BASE).exists()
+    runs = tmp_path / "repo" / "reports" / "two" / "runs"
+    assert sorted(p.name for p in (runs / "two-second" / "metrics" / "by_model").iterdir()) == ["popularity", "sasrec"]
+    assert [p.name for p in (runs / "two-first" / "metrics" / "by_model").iterdir()] == ["sasrec"]
+
+    # a set stopped mid-run (kill -9: no chance to put params.yaml back) leaves its base in
+    # .dvc/tmp and the run's overrides in params.yaml; the next start restores the base first
+    (work / WORKSPACE_BASE).write_text(params)
+    (work / "params.yaml").write_text(params.replace("seed: 42", "seed: 7", 1))
+    again = run(molar, work, env)
+    assert "params.yaml: restored from" in again, again
+    assert again.count(": done (") == 2, again  # the restored params are the set's: both runs still done
+    assert (work / "params.yaml").read_text() == params

@@ -199,3 +199,20 @@ def test_dry_run_prints_one_temp_experiment_per_run_without_forcing_every_stage(
     # -f would make `dvc exp run` rerun stages the overrides leave alone
     assert lines == ["[1/2] demo-a: dvc exp run --temp -n demo-a", "[2/2] demo-b: dvc exp run --temp -n demo-b -S align.alpha=0.0"]
     assert not (tmp_path / "out").exists()
+    lines.clear()
+    run_set(set_file, tmp_path / "out", tmp_path, dry_run=True, workspace=True, echo=lines.append)
+    assert lines == ["[1/2] demo-a: dvc exp run -n demo-a", "[2/2] demo-b: dvc exp run -n demo-b -S align.alpha=0.0"]  # in the workspace
+
+
+def test_restore_interrupted_base_puts_back_the_params_a_stopped_workspace_set_started_from(tmp_path):
+    from molar.experiments import WORKSPACE_BASE, restore_interrupted_base
+
+    (tmp_path / "params.yaml").write_text("seed: 7\n")  # a run's overrides, left by kill -9
+    lines: list[str] = []
+    restore_interrupted_base(tmp_path, lines.append)
+    assert (tmp_path / "params.yaml").read_text() == "seed: 7\n" and lines == []  # nothing to restore
+    (tmp_path / WORKSPACE_BASE).parent.mkdir(parents=True)
+    (tmp_path / WORKSPACE_BASE).write_text("seed: 42\n")
+    restore_interrupted_base(tmp_path, lines.append)
+    assert (tmp_path / "params.yaml").read_text() == "seed: 42\n"
+    assert not (tmp_path / WORKSPACE_BASE).exists() and "restored" in lines[0]
