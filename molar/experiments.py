@@ -27,7 +27,7 @@ stages keep their resumable state (data/state), so a run interrupted mid-trainin
 it stopped, and stages whose params a run leaves alone are not run again (on ML-1M, the SASRec-CE
 reference trains once for a whole set instead of once per run). Before each run params.yaml is
 put back as it was when the set started (kept in .dvc/tmp/, WORKSPACE_BASE, while the set runs:
-an interrupted set restores it first), and again at the end; data/ and the dvc.lock files are
+the next start of any set restores it first after an interruption), and again at the end; data/ and the dvc.lock files are
 left as the last run made them.
 """
 
@@ -317,7 +317,7 @@ def run_set(
     """
     spec = load_set(path)
     name = set_name(path)
-    if workspace and not dry_run:
+    if not dry_run:  # either mode: a stopped workspace-mode set left a run's overrides in params.yaml
         restore_interrupted_base(repo, echo)
     params_text = (repo / "params.yaml").read_text()
     base_seed = YAML(typ="safe").load(params_text).get("seed", 0)
