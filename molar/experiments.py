@@ -27,8 +27,8 @@ stages keep their resumable state (data/state), so a run interrupted mid-trainin
 it stopped, and stages whose params a run leaves alone are not run again (on ML-1M, the SASRec-CE
 reference trains once for a whole set instead of once per run). Before each run params.yaml is
 put back as it was when the set started (kept in .dvc/tmp/, WORKSPACE_BASE, while the set runs:
-the next start of any set restores it first after an interruption), and again at the end; data/ and the dvc.lock files are
-left as the last run made them.
+after an interruption the next start of any set restores it first), and again at the end; data/
+and the dvc.lock files are left as the last run made them.
 """
 
 from __future__ import annotations
