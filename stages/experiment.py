@@ -4,8 +4,9 @@
 `dvc exp run --temp` each (the workspace is left as it is), copies each run's metrics into
 reports/table3/runs/<run>/ and writes reports/table3/README.md (`molar report table3`). Give the
 same command again after an interruption: finished runs are skipped. With --workspace the runs
-are made in the workspace, keeping training state between them (long real-data sets). Sets: table2, table3 (table3-staged),
-table4, table5, figure3, appendix-a, fusion, seeds (README: Experiment sets), or a path to a set file.
+are made in the workspace, keeping training state between them (long real-data sets). Sets:
+table2, table3 (table3-staged), table4, table5, figure3, appendix-a, fusion, seeds (README:
+Experiment sets), or a path to a set file.
 """
 
 from __future__ import annotations
