@@ -324,13 +324,13 @@ def run_set(
     runs = plan_runs(spec, name, base_seed, seeds, extra)
     check_runs(runs, params_text, path)
     key = workspace_key(repo)
+    where = [] if workspace else ["--temp"]
     try:
         for i, run in enumerate(runs, 1):
             run_dir = out / "runs" / run.name
             record = run_record(run, key)
             # no -f: for `dvc exp run` it also means "rerun every stage"; an earlier experiment of this
             # name is removed instead (remove_experiment), so stages the overrides leave alone are skipped
-            where = [] if workspace else ["--temp"]
             cmd = [sys.executable, "-m", "dvc", "exp", "run", *where, "-n", run.name, *run.set_args()]
             shown = shlex.join(["dvc", *cmd[3:]])
             if not fresh and is_done(run_dir, record):
