@@ -16,8 +16,11 @@ Quality (test split, full catalog, history masked), everything in this one run:
   per epoch; the throughput of the full depth is measured and printed too.
 Ratios are against SASRec-CE of the same run; popularity is printed as the floor.
 
-Throughput (embedded default, tiny-qwen2-vl): training sequences/s of one epoch of train-molar in
-both modes (cached item embeddings vs end-to-end through MIRM), in a scratch copy of the pipeline.
+Throughput (``--skip-quality`` runs it alone): training sequences/s of train-molar in both modes (cached
+item embeddings vs end to end through MIRM), on ML-1M (median of a few optimizer steps on real batches of
+8 users: the 2-block DUEG over cached items, the same end to end with SmolLM2 trained on the items' prompts,
+and a full-depth DUEG over cached items) and on the embedded default (tiny-qwen2-vl, one whole epoch of
+the train-molar stage in a scratch copy of the pipeline).
 
 Every phase stores its result under benchmarks/out/molar_ml1m/ (``--out``) and is skipped when
 rerun; training is resumable (molar.train.fit state per phase). Delete the folder to start over.
@@ -190,37 +193,81 @@ def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec, sa
     return cached_json(out / "result.json", compute, key)
 
 
-def full_depth_throughput(backbone, table, params, tables, steps: int = 3) -> dict:
-    """Training sequences/s of a full-depth (30-block) DUEG on a few real ML-1M batches."""
-    import copy
-
+def train_step_seconds(model, params, tables, batch: int, steps: int) -> float:
+    """Median seconds of one optimizer step of the train-molar objective (``params.train``'s loss and
+    positions, MIRM at ``train.mirm_lr`` end to end) on the first real ML-1M batches, the first (warm-up)
+    step left out. Alignment is off: it adds one forward pass of the small ID model."""
     import torch
 
     from molar.models import molar as M
-    from molar.models.dueg import decoder_of
     from molar.recipes.id_models import NextItemBatches
+    from molar.recipes.molar import checkpoint_activations, mirm_param_groups
+
+    t = params.train
+    if t.gradient_checkpointing:
+        checkpoint_activations(model)
+    objective = M.MolarObjective(
+        M.ObjectiveSettings(n_items=model.config.n_items, loss=t.loss, num_negatives=t.num_negatives,
+                            all_positions=t.all_positions, alpha=0.0),
+        id_model=None,
+    )
+    optimizer = torch.optim.AdamW(mirm_param_groups(model, t.mirm_lr) or model.parameters(), lr=t.lr)
+    pairs = NextItemBatches(tables["train"].sort("user_idx")["items"].to_list(), t.max_length, batch, params.seed)
+    model.train()
+    times = []
+    for i, (inputs, targets) in enumerate(pairs(0)):
+        if i == steps + 1:
+            break
+        started = time.perf_counter()
+        loss, _ = objective(model, {"inputs": inputs, "targets": targets, "step": i})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+        log(f"  step {i}: {times[-1]:.1f}s")
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def ml1m_throughput(backbone, table, params, tables, batch: int = 8) -> dict:
+    """Training sequences/s of train-molar on real ML-1M batches of ``batch`` users (``train.max_length``
+    items each): DUEG of ``dueg.layers`` blocks over cached items, the same DUEG end to end (MIRM, SmolLM2
+    on the items' prompts, trained with it: ``train.mirm_trainable: true``), and a full-depth DUEG over
+    cached items. A few steps each: an end-to-end epoch on ML-1M takes days on CPUs."""
+    import copy
+
+    from molar.models import molar as M
+    from molar.models.dueg import decoder_of
+    from molar.models.mirm import ItemEmbedder, catalog_embedder, make_encoder
+    from molar.train import run_defining, run_key
+
+    def measure(layers: int, end_to_end: bool, steps: int) -> dict:
+        # end to end, MIRM's activations for every item of a step (up to batch x max_length inputs and
+        # positives plus the negatives) outgrow the machine's memory unless its layers recompute them
+        p = params.model_copy(update={"dueg": params.dueg.model_copy(update={"layers": layers}),
+                                      "train": params.train.model_copy(update={"gradient_checkpointing": end_to_end})})
+        if end_to_end:
+            embed = catalog_embedder(make_encoder(backbone, p.mirm, "movielens"), tables["items"].sort("item_idx"))
+            items = M.MirmItems(ItemEmbedder(copy.deepcopy(backbone.model)), embed, table, p.mirm.embed_batch_size)
+        else:
+            items = M.CachedItems(table)
+        model = M.build_model(copy.deepcopy(decoder_of(backbone.model)).float(), items, p, id_dim=None)
+        seconds = train_step_seconds(model, p, tables, batch, steps)
+        return {"layers": len(model.dueg.decoder.layers), "gradient_checkpointing": end_to_end,
+                "seconds_per_step": seconds, "sequences_per_s": batch / seconds}
 
     def compute():
-        p = params.model_copy(update={"dueg": params.dueg.model_copy(update={"layers": 0}),
-                                      "train": params.train.model_copy(update={"batch_size": 8})})
-        model = M.build_model(copy.deepcopy(decoder_of(backbone.model)).float(), M.CachedItems(table), p, id_dim=None)
-        objective = M.MolarObjective(M.ObjectiveSettings(n_items=table.shape[0] - 1, alpha=0.0), id_model=None)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        batches = NextItemBatches(tables["train"].sort("user_idx")["items"].to_list(), p.train.max_length, 8, p.seed)
-        times = []
-        for i, (inputs, targets) in enumerate(batches(0)):
-            if i == steps + 1:
-                break
-            started = time.perf_counter()
-            loss, _ = objective(model, {"inputs": inputs, "targets": targets, "step": i})
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            times.append(time.perf_counter() - started)
-        per_step = sorted(times[1:])[len(times[1:]) // 2]  # median, the first (warm-up) step left out
-        return {"layers": len(model.dueg.decoder.layers), "batch": 8, "seconds_per_step": per_step, "sequences_per_s": 8 / per_step}
+        started = time.perf_counter()
+        record = {"batch": batch, "max_length": params.train.max_length, "loss": params.train.loss}
+        for name, layers, end_to_end, steps in (("cached", params.dueg.layers, False, 20), ("full_depth_cached", 0, False, 4),
+                                                 ("end_to_end", params.dueg.layers, True, 2)):
+            log(f"throughput on ML-1M: {name}")
+            record[name] = measure(layers, end_to_end, steps)
+        record["seconds"] = time.perf_counter() - started
+        record["peak_rss_mib"] = peak_mib()
+        return record
 
-    return cached_json(OUT / "full_depth_throughput.json", compute)
+    key = run_key("bench-molar-ml1m-throughput", batch, run_defining(params.section_dict("train")), params.section_dict("dueg"), run_key(table))
+    return cached_json(OUT / "ml1m_throughput.json", compute, key)
 
 
 # ---------------------------------------------------------------------------- throughput
@@ -299,10 +346,11 @@ def main() -> None:
     ap.add_argument("--loss", default="bce", help="train.loss: bce (paper, 1:1) or sampled_ce")
     ap.add_argument("--negatives", type=int, default=1, help="train.num_negatives")
     ap.add_argument("--lr", type=float, default=TRAIN_OVERRIDES["lr"], help="train.lr")
+    ap.add_argument("--max-length", type=int, default=TRAIN_OVERRIDES["max_length"], help="train.max_length: history items DUEG reads")
     args = ap.parse_args()
     OUT = args.out
     SASREC_OVERRIDES["epochs"] = args.sasrec_epochs
-    TRAIN_OVERRIDES.update(loss=args.loss, num_negatives=args.negatives, lr=args.lr)
+    TRAIN_OVERRIDES.update(loss=args.loss, num_negatives=args.negatives, lr=args.lr, max_length=args.max_length)
 
     import torch
 
@@ -311,28 +359,29 @@ def main() -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     report: dict = {"args": vars(args) | {"params": str(args.params)}}
 
-    if not args.skip_quality:
-        from molar.models.popularity import Popularity
-
+    if not (args.skip_quality and args.skip_throughput):  # both read ML-1M and its item table
         params = bench_params(args.params, args.epochs, args.dueg_layers)
         tables, stats = load_data(params, args.max_users)
         n_items = tables["items"].height
         log(f"data: {stats['users']:,} users, {n_items:,} items, {stats['rows_out']:,} interactions")
+        backbone, table, embed_seconds = item_table(params, tables)
+        report["items"] = {"n": table.shape[0] - 1, "dim": table.shape[1], "seconds": round(embed_seconds, 1)}
+        log(f"item embeddings: {table.shape[0] - 1} x {table.shape[1]} in {embed_seconds:.0f}s (cached when ~0)")
+    if not args.skip_quality:
+        from molar.models.popularity import Popularity
+
         train = tables["train"].sort("user_idx")["items"].to_list()
         report["popularity"] = test_metrics(Popularity.fit(train, n_items).score, tables, n_items, params)
         log(f"popularity: {report['popularity']}")
         sasrec, report["sasrec"] = run_sasrec(params, tables, n_items)
         log(f"sasrec-ce: {report['sasrec']['test']}")
-        backbone, table, embed_seconds = item_table(params, tables)
-        report["items"] = {"n": table.shape[0] - 1, "dim": table.shape[1], "seconds": round(embed_seconds, 1)}
-        log(f"item embeddings: {table.shape[0] - 1} x {table.shape[1]} in {embed_seconds:.0f}s (cached when ~0)")
         report["molar"] = {}
         for alpha in alphas:
             report["molar"][alpha] = run_molar(params, alpha, tables, n_items, backbone, table, sasrec, report["sasrec"]["key"])
             log(f"molar alpha={alpha:g}: {report['molar'][alpha]['test']}")
-        report["full_depth"] = full_depth_throughput(backbone, table, params, tables)
-        log(f"full-depth DUEG: {report['full_depth']}")
     if not args.skip_throughput:
+        report["ml1m_throughput"] = ml1m_throughput(backbone, table, params, tables)
+        log(f"ML-1M throughput: {report['ml1m_throughput']}")
         report["throughput"] = embedded_default_throughput()
         log(f"embedded default throughput: {report['throughput']}")
     (OUT / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -356,14 +405,20 @@ def main() -> None:
         if best is not None and 0.0 in report["molar"]:
             gain = ratio(report["molar"][best]["test"]["ndcg@10"], report["molar"][0.0]["test"]["ndcg@10"])
             print(f"\npost-alignment (alpha={best:g} vs 0): test N@10 x{gain:.2f}")
-        fd = report["full_depth"]
         print(f"DUEG training throughput on ML-1M (batch {TRAIN_OVERRIDES['batch_size']}, {TRAIN_OVERRIDES['max_length']} items): "
-              + ", ".join(f"a={a:g}: {r['train_sequences_per_s']:.1f} seq/s" for a, r in report["molar"].items())
-              + f"; full depth ({fd['layers']} blocks, batch {fd['batch']}): {fd['sequences_per_s']:.2f} seq/s")
+              + ", ".join(f"a={a:g}: {r['train_sequences_per_s']:.1f} seq/s" for a, r in report["molar"].items()))
         print(f"item embeddings: {report['items']}")
         print("\nanchors from the literature (their ML-1M file has 1-2 more items per user):")
         for name, (n10, r10) in ANCHORS.items():
             print(f"  {name:<46} N@10 {n10:.3f}  R@10 {r10:.3f}")
+    if "ml1m_throughput" in report:
+        t = report["ml1m_throughput"]
+        cached = t["cached"]["sequences_per_s"]
+        print(f"\ntrain-molar steps on ML-1M (batch {t['batch']}, {t['max_length']} items, loss {t['loss']}; median step): "
+              f"cached items, {t['cached']['layers']}-block DUEG {cached:.1f} seq/s; end to end through MIRM "
+              f"{t['end_to_end']['sequences_per_s']:.3f} seq/s (x{t['end_to_end']['sequences_per_s'] / cached:.4f} of cached); "
+              f"full depth ({t['full_depth_cached']['layers']} blocks), cached items {t['full_depth_cached']['sequences_per_s']:.2f} seq/s "
+              f"(x{t['full_depth_cached']['sequences_per_s'] / cached:.3f}); peak RSS {t['peak_rss_mib']:.0f} MiB")
     if "throughput" in report:
         t = report["throughput"]
         end_to_end_share = t["end_to_end"]["sequences_per_s"] / t["cached"]["sequences_per_s"]

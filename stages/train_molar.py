@@ -49,7 +49,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
     from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
     from molar.models import molar as M
     from molar.models.dueg import decoder_of, user_embedding_of
-    from molar.models.mirm import ItemEmbedder, backbone_corpus, item_texts, make_encoder
+    from molar.models.mirm import ItemEmbedder, backbone_corpus, catalog_embedder, make_encoder
     from molar.models.registry import load_id_model
     from molar.recipes import molar as recipe
     from molar.train import CHECKPOINT, process_state, run_defining, run_key as make_run_key, sequences_fingerprint
@@ -96,12 +96,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         mirm_key = checkpoint_key(MIRM_DIR) if t.mirm_trainable else None
 
         if t.mirm_trainable:
-            encoded = encoder.encode_items(item_texts(items))  # prompt i-1 is item_idx i
-
-            def embed(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-                batch = encoder.collate([encoded[int(i) - 1] for i in ids.tolist()])
-                return module({k: v.to(ids.device) for k, v in batch.items()})
-
+            embed = catalog_embedder(encoder, items)
             item_side: torch.nn.Module = M.MirmItems(ItemEmbedder(mirm_bb.model), embed, table, mirm.embed_batch_size)
         else:
             item_side = M.CachedItems(table)

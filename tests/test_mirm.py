@@ -18,7 +18,9 @@ from molar.models.mirm import (
     IGNORE_INDEX,
     ItemText,
     PromptEncoder,
+    ItemEmbedder,
     backbone_corpus,
+    catalog_embedder,
     cur_item_states,
     embed_items,
     input_report,
@@ -156,6 +158,25 @@ def test_embed_items_keeps_input_order(backbone, images):
             one = cur_item_states(backbone.model, enc.collate(enc.encode_items([item])))[0]
             torch.testing.assert_close(table[i], one, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(table[0], table[1])
+
+
+def test_catalog_embedder_embeds_items_by_their_index(backbone, images):
+    # item_idx i is the catalog's row i - 1; what comes back is MIRM (with gradients) on those prompts, in the asked order
+    enc = encoder(backbone, images)
+    items = pl.DataFrame({
+        "item_idx": [1, 2, 3, 4],
+        "title": [t.title for t in ITEMS], "description": [t.description for t in ITEMS],
+        "attributes": ['{"colour": "red"}', '{"colour": "blue"}', None, '{"colour": "gold"}'],
+        "image_path": [t.image_path for t in ITEMS],
+    })
+    embed = catalog_embedder(enc, items)
+    module = ItemEmbedder(backbone.model)
+    got = embed(module, torch.tensor([4, 1]))
+    assert got.shape == (2, backbone.hidden_size) and got.requires_grad
+    gold_watch = ItemText("Gold Watch", "A gold watch.", "colour: gold", "big.png")
+    with torch.no_grad():
+        want = cur_item_states(backbone.model, enc.collate(enc.encode_items([gold_watch, dataclasses.replace(ITEMS[0], attributes="colour: red")])))
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-4)
 
 
 def test_sft_labels_mask_prompt_and_images(backbone, images):

@@ -272,3 +272,30 @@ def test_two_process_training_shards_batches_and_keeps_weights_in_sync(stage_run
     assert [int(r["step"]) for r in steps] == [0, 1, 2, 3]  # the main process's log, one row per step
     assert (tmp_path / "data/models/molar/model.safetensors").exists()
     assert (tmp_path / "data/models/sasrec/model.safetensors").exists()
+
+
+def test_gradient_checkpointing_recomputes_the_decoder_and_keeps_loss_and_gradients() -> None:
+    # train.gradient_checkpointing trades compute for memory only: the same step, the same numbers
+    from test_early_fusion import molar_of  # tests/test_early_fusion.py
+    from test_id_dueg import N_ITEMS, a_batch  # tests/test_id_dueg.py
+
+    from molar.models.molar import MolarObjective, ObjectiveSettings
+    from molar.recipes.molar import checkpoint_activations
+
+    steps = []
+    for checkpointed in (False, True):
+        model = molar_of("llm", False).train()
+        if checkpointed:
+            checkpoint_activations(model)
+        layers = model.dueg.decoder.layers
+        assert all(getattr(layer, "gradient_checkpointing", False) == checkpointed for layer in layers)
+        objective = MolarObjective(ObjectiveSettings(n_items=N_ITEMS, alpha=0.0), id_model=None)
+        torch.manual_seed(7)  # the same negatives
+        loss, _ = objective(model, a_batch())
+        loss.backward()
+        steps.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = steps
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads_ckpt.keys() == grads.keys() and any(n.startswith("dueg.decoder.") for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)

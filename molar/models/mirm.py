@@ -22,7 +22,7 @@ without an image keeps its title (else every such item would embed to the same v
 Entry points: ``make_encoder(backbone, mirm_params, data_source)`` -> ``PromptEncoder``;
 ``embed_items(backbone, encoder, item_texts(items_df), batch_size)`` -> [n, d] (no gradients);
 ``ItemEmbedder(model)(encoder.collate(encoder.encode_items(texts)))`` -> [B, d] (differentiable,
-for training MIRM end to end); ``image_features(model, batch)`` -> [n_images, d], the image side
+for training MIRM end to end; ``catalog_embedder`` does it by item_idx); ``image_features(model, batch)`` -> [n_images, d], the image side
 alone (the vision tower, mean-pooled per image; content SASRec's image input); the train-mirm
 recipe (``finetune``) is molar/recipes/mirm.py; the catalog table with row 0 = padding lives in
 molar/embed_cache.py.
@@ -494,6 +494,19 @@ class ItemEmbedder(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return cur_item_states(self.model, batch)
+
+
+def catalog_embedder(encoder: PromptEncoder, items: pl.DataFrame) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    """``embed(module, item_idx [N]) -> [N, d]``: the catalog's prompts (``items`` sorted by item_idx,
+    prompt i-1 is item_idx i) encoded once, each call collating the asked items and running ``module``
+    (an ``ItemEmbedder``, with gradients) on them: the item side of Molar end to end."""
+    encoded = encoder.encode_items(item_texts(items))
+
+    def embed(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        batch = encoder.collate([encoded[int(i) - 1] for i in ids.tolist()])
+        return module({k: v.to(ids.device) for k, v in batch.items()})
+
+    return embed
 
 
 class SftModel(torch.nn.Module):

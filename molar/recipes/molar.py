@@ -40,6 +40,16 @@ def _checkpoint_activations(module: nn.Module) -> None:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def checkpoint_activations(model: MolarModel) -> None:
+    """``train.gradient_checkpointing``: DUEG's and (end to end) MIRM's transformers layers recompute their
+    activations in the backward pass. Non-reentrant checkpointing works with inputs_embeds that need no
+    gradient; an ID-model user model (dueg.kind other than llm) is small and has no such layers."""
+    if isinstance(model.dueg, Dueg):
+        _checkpoint_activations(model.dueg.decoder)
+    if isinstance(model.items, MirmItems):
+        _checkpoint_activations(getattr(model.items.mirm, "model", model.items.mirm))
+
+
 def mirm_param_groups(model: MolarModel, mirm_lr: float) -> list[dict] | None:
     """End to end (MIRM is the item side), MIRM trains at its own peak lr ``train.mirm_lr`` and the rest (DUEG,
     item adapter, alignment head) at ``train.lr``. What tells items apart is a small part of MIRM's states, which
@@ -81,12 +91,7 @@ def train_molar(
         # the head gets no gradient: frozen, so a multi-process (DDP) run has no unused parameter
         model.align_head.requires_grad_(False)
     if t.gradient_checkpointing:
-        # non-reentrant checkpointing works with inputs_embeds that need no gradient; an ID-model
-        # user model (dueg.kind other than llm) is small and has no transformers layers to checkpoint
-        if isinstance(model.dueg, Dueg):
-            _checkpoint_activations(model.dueg.decoder)
-        if isinstance(model.items, MirmItems):
-            _checkpoint_activations(getattr(model.items.mirm, "model", model.items.mirm))
+        checkpoint_activations(model)
 
     process = process_state()
     pairs = NextItemBatches(train, t.max_length, t.batch_size, params.seed, process.process_index, process.num_processes)
