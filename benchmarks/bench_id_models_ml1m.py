@@ -18,6 +18,11 @@ peak memory is its own. A stopped benchmark continues where it was (rerun the sa
 ``--fresh`` discards the named runs first, ``--reuse`` reports a finished run's result instead of
 rerunning it, ``--report`` prints the table of every finished run without training.
 
+The content SASRecs (``sasrec-text``, ``sasrec-image``, ``sasrec-text-image``) train over an item-content
+file the benchmark computes once per params file from that file's ``mirm.backbone`` as it ships (frozen,
+not fine-tuned, as the paper's SASRec_Bert / _Vit read frozen BERT / ViT features), stored beside the
+runs; ``--params params-ml1m-posters.yaml`` gives SmolLM2 text states and MobileNet poster features.
+
 "Best setting found on validation": the table lists every finished run of a model and marks, per
 model, the one with the highest validation NDCG@10; that run's test numbers are the model's row.
 """
@@ -32,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 OUT = Path("benchmarks/out/id_models_ml1m")
@@ -73,6 +79,35 @@ def run_slug(overrides: dict[str, object]) -> str:
     return ",".join(f"{k}={overrides[k]}" for k in sorted(overrides)).replace("/", "_")
 
 
+def item_content_file(root: Path, params, items) -> Path:
+    """The item-content file (molar/item_content.py) the content SASRecs of this params file train over,
+    computed once under ``root``: the frozen ``mirm.backbone`` as it ships (not fine-tuned, as the paper's
+    SASRec_Bert / _Vit read frozen BERT / ViT features) on the items' prompts and images, with the prompts
+    and budgets of ``mirm.*``. Named by what defines it, so a changed mirm or data section computes anew."""
+    from molar.backbones import load_backbone
+    from molar.embed_cache import item_content_tables
+    from molar.item_content import save_item_content
+    from molar.train import run_key
+
+    m = params.mirm
+    path = root / f"item-content-{run_key(params.section_dict('mirm'), params.section_dict('data'), items.height)}.safetensors"
+    if path.exists():
+        return path
+    started = time.perf_counter()
+    backbone = load_backbone(
+        m.backbone, modalities=m.modalities, dtype=m.dtype, image_min_pixels=m.image_min_pixels, image_max_pixels=m.image_max_pixels,
+        trust_remote_code=m.trust_remote_code, image_encoder=m.image_encoder, image_tokens=m.image_tokens,
+    )
+    tables, why_no_image = item_content_tables(backbone, m, params.data.source, items)
+    metadata = {"n_items": str(items.height), "checkpoint": f"{m.backbone} (base, not fine-tuned)"}
+    if why_no_image is not None:
+        metadata["why_no_image"] = why_no_image
+    save_item_content(path, tables, metadata)  # atomic: a stopped run leaves no half file
+    widths = ", ".join(f"{name} [{t.shape[1]}]" for name, t in tables.items())
+    print(f"item content of {items.height:,} items from {m.backbone}: {widths} ({time.perf_counter() - started:.0f}s) -> {path}", flush=True)
+    return path
+
+
 def run_model(params_path: Path, model: str, overrides: dict[str, object], threads: int, out_dir: Path) -> dict:
     """Train and test one model in this process; return its result record (probe lines go to out_dir)."""
     import torch
@@ -81,7 +116,8 @@ def run_model(params_path: Path, model: str, overrides: dict[str, object], threa
     from benchmarks.ml1m import fit_record, load_split
     from molar.config import load_params
     from molar.evaluate import evaluate_scorer
-    from molar.models.registry import id_model_section
+    from molar.models.content_sasrec import ContentSASRec
+    from molar.models.registry import id_model_class, id_model_section
     from molar.recipes.id_models import load_scorer, train_id_model
 
     wall_start = time.perf_counter()
@@ -91,6 +127,10 @@ def run_model(params_path: Path, model: str, overrides: dict[str, object], threa
     data = load_split(params)
     n_items = data.n_items
     print(f"[{model} {run_slug(overrides)}] {data.stats['users']:,} users, {n_items:,} items ({data.seconds:.1f}s)", flush=True)
+    build = None
+    model_class = id_model_class(model)
+    if issubclass(model_class, ContentSASRec):  # over this data's item content, not the pipeline's data/models file
+        build = partial(model_class.from_params, content_path=item_content_file(OUT / params_path.stem, params, data.items))
 
     def test_metrics(m) -> dict[str, float]:
         return evaluate_scorer(
@@ -120,7 +160,7 @@ def run_model(params_path: Path, model: str, overrides: dict[str, object], threa
     model_obj, result = train_id_model(
         model, section, data.train, data.valid_histories, data.valid_targets, n_items, params.seed,
         state_dir=out_dir / "state", mask_history=params.eval.mask_history,
-        eval_chunk_size=params.eval.user_chunk_size, desc=f"{model} {run_slug(overrides)}", on_validate=probe,
+        eval_chunk_size=params.eval.user_chunk_size, desc=f"{model} {run_slug(overrides)}", on_validate=probe, build=build,
     )
     return {
         "model": model,

@@ -165,3 +165,20 @@ def test_changed_content_starts_a_fresh_run(tmp_path, monkeypatch):
         _, result = train_id_model("sasrec-text", params, train, histories, targets, 20, seed=0, state_dir=tmp_path / "state")
         runs.append(result.resumed)
     assert runs == [False, True, False]
+
+
+def test_trains_over_a_content_file_named_by_the_caller(tmp_path, monkeypatch):
+    """``build`` with ``from_params(content_path=...)``: the model reads that file, and the default one need not exist."""
+    from functools import partial
+
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "bench" / "item-content.safetensors"
+    save_item_content(elsewhere, {"text": _content(n_items=20, width=4, seed=3)}, {"n_items": "20"})
+    train, histories, targets = _next_item_data()
+    params = SasrecContentParams(hidden_size=8, num_blocks=1, max_length=8, batch_size=16, epochs=1, patience=1)
+    with pytest.raises(MissingInputError, match="item-content.safetensors: missing"):
+        train_id_model("sasrec-text", params, train, histories, targets, 20, seed=0, state_dir=tmp_path / "s0")
+    build = partial(SasrecText.from_params, content_path=elsewhere)
+    model, _ = train_id_model("sasrec-text", params, train, histories, targets, 20, seed=0, state_dir=tmp_path / "s1", build=build)
+    assert type(model) is SasrecText and torch.equal(model.content, read_item_content(elsewhere, ["text"], 20))
+    assert not ITEM_CONTENT.exists()

@@ -80,9 +80,10 @@ class ContentSASRec(SASRec):
         return cls(ContentSasrecConfig(**fields, content_dim=content.shape[1]), content)
 
     @classmethod
-    def from_params(cls, n_items: int, params) -> ContentSASRec:
-        """A fresh model over the item-content file (``molar item-content``'s output) for the ``sasrec_content`` section."""
-        return cls.from_content(read_item_content(ITEM_CONTENT, cls.MODALITIES, n_items), params)
+    def from_params(cls, n_items: int, params, content_path: str | Path = ITEM_CONTENT) -> ContentSASRec:
+        """A fresh model over an item-content file (``molar item-content``'s output unless ``content_path``
+        names another file of its format) for the ``sasrec_content`` section."""
+        return cls.from_content(read_item_content(content_path, cls.MODALITIES, n_items), params)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` + ``model.safetensors`` (content table included) into ``directory``, atomically."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -178,15 +178,18 @@ def train_id_model(
     on_epoch_end: Callable[[int, dict], None] | None = None,
     desc: str | None = None,
     on_validate: Callable[[SequentialRecommender], None] | None = None,
+    build: Callable[[int, Any], SequentialRecommender] | None = None,
 ) -> tuple[SequentialRecommender, FitResult]:
     """Train the registered ID model ``name`` on ``train`` sequences, select the epoch by validation NDCG@10 (resumable).
 
     ``on_validate(model)`` runs after each validation with the model as it is then (benchmarks use
     it to follow test metrics over wall time); it never influences training or selection.
+    ``build(n_items, params)`` makes the fresh model in place of the registry class's ``from_params``
+    (e.g. a content SASRec over another item-content file), under the same seed.
     """
     model_class = id_model_class(name)
     torch.manual_seed(seed)
-    model = model_class.from_params(n_items, params)
+    model = (build or model_class.from_params)(n_items, params)
     process = process_state()
     batches = NextItemBatches(
         train,
