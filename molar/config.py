@@ -239,7 +239,7 @@ class DuegParams(Section):
 class TrainParams(Section):
     """The joint DUEG + alignment stage (train-molar)."""
 
-    loss: Literal["bce", "sampled_ce"] = "bce"
+    loss: Literal["bce", "sampled_ce", "ce"] = "bce"
     num_negatives: int = Field(1, ge=1)
     all_positions: bool = True
     mirm_trainable: bool = False
@@ -259,6 +259,15 @@ class TrainParams(Section):
     similarity: Literal["cosine", "dot"] = "cosine"
     logit_scale: float = Field(10.0, gt=0.0)
     checkpoint_every: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _ce_needs_cached_items(self) -> "TrainParams":
+        if self.loss == "ce" and self.mirm_trainable:
+            raise ValueError(
+                "loss: ce scores every catalog item at each step, which end to end (mirm_trainable: true) means running "
+                "MIRM over the whole catalog per step: use loss: sampled_ce end to end, or mirm_trainable: false"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------- late fusion

@@ -31,7 +31,7 @@ MODEL_DIR = MODELS / "molar"
 STATE_DIR = STATE / "train-molar"
 CURVES = METRICS / "molar_train"
 EPOCHS_CSV, STEPS_CSV, SUMMARY = CURVES / "epochs.csv", CURVES / "steps.csv", CURVES / "summary.json"
-EPOCH_COLUMNS = ("epoch", "loss", "bce", "sampled_ce", "align", "id_loss", "user_std", "item_std", "live_negatives",
+EPOCH_COLUMNS = ("epoch", "loss", "bce", "sampled_ce", "ce", "align", "id_loss", "user_std", "item_std", "live_negatives",
                  "valid_ndcg@10", "valid_recall@10", "lr", "seconds")
 
 
@@ -143,7 +143,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         "steps": result.steps,
         "resumed": result.resumed,
         "train_loss": round(best["loss"], 6),
-        "train_bce": round(best.get("bce", best.get("sampled_ce", float("nan"))), 6),
+        "train_bce": round(next((best[k] for k in ("bce", "sampled_ce", "ce") if k in best), float("nan")), 6),  # the recommendation term, whichever train.loss
         "train_align": round(best["align"], 6) if "align" in best else None,
         "valid_ndcg@10": round(result.best_metric, 6),
         "valid_recall@10": round(best["valid_recall@10"], 6),

@@ -170,3 +170,35 @@ def test_last_position_mode_ignores_earlier_targets_and_sampled_ce_runs() -> Non
     loss, logs = sampled(model, batch)
     loss.backward()
     assert torch.isfinite(loss) and "sampled_ce" in logs and "bce" not in logs and 0 <= logs["live_negatives"] <= 1
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_shared_logits_equal_the_broadcast_scores(similarity: str) -> None:
+    model = tiny_molar()
+    object.__setattr__(model.config, "similarity", similarity)  # frozen dataclass: one test-only switch
+    torch.manual_seed(1)
+    users, items = torch.randn(5, 32), torch.randn(7, 32)
+    broadcast = model.logits(users.unsqueeze(1), items.unsqueeze(0))  # [5, 7]
+    assert torch.allclose(model.shared_logits(users, items), broadcast, rtol=1e-5, atol=1e-5)
+
+
+def test_full_softmax_ce_is_cross_entropy_over_the_whole_catalog() -> None:
+    # train.loss: ce: each kept position's user against every catalog item, the target its class
+    model = tiny_molar()
+    batch = a_batch()
+    loss, logs = MolarObjective(ObjectiveSettings(n_items=N_ITEMS, loss="ce", alpha=0.0), id_model=None)(model, batch)
+    with torch.no_grad():
+        columns = torch.arange(batch["inputs"].shape[1])
+        table = model.items.table
+        users = model.encode(batch["inputs"], table[batch["inputs"]], columns)  # [B, L, hidden]
+        keep = batch["targets"] != 0
+        scores = model.shared_logits(users[keep], model.catalog_vectors()[1:])  # [P, n_items]: item i in column i - 1
+        expected = torch.nn.functional.cross_entropy(scores, batch["targets"][keep] - 1)
+    assert logs["ce"] == pytest.approx(expected.item(), rel=REL_FLOAT32) and logs["loss"] == logs["ce"]
+    assert "sampled_ce" not in logs and "bce" not in logs
+    loss.backward()
+    assert model.dueg.user_token.grad is not None and torch.isfinite(loss)
+    # the full catalog is what sampled_ce gives with num_negatives >= n_items (all negatives, in some order)
+    sampled = MolarObjective(ObjectiveSettings(n_items=N_ITEMS, loss="sampled_ce", num_negatives=100, alpha=0.0), id_model=None)
+    _, sampled_logs = sampled(model, batch)
+    assert sampled_logs["sampled_ce"] == pytest.approx(logs["ce"], rel=REL_FLOAT32)

@@ -40,6 +40,8 @@ def test_every_params_key_has_a_comment():
         ("eval:\n  ks:\n  - 5\n  - ten\n", r"params.yaml:4: eval.ks.1: .*valid integer \(got 'ten'\)"),
         ("seed: 1\neval:\n  models:\n  - sasrec\n  - mollar\n", r"params.yaml:5: eval.models.1: .*'molar'"),
         ("train:\n  lr: 1e-4\n  mixed_precision: fp8\n", r"params.yaml:3: train.mixed_precision: .*'no', 'bf16' or 'fp16'"),
+        # a rule across two keys: the section is named, and the message says what to change
+        ("train:\n  loss: ce\n  mirm_trainable: true\n", r"train: .*loss: ce .*whole catalog per step: use loss: sampled_ce"),
         # YAML 1.2: yes/on are strings, not booleans; the message says what to write
         ("align:\n  project: yes\n", r"params.yaml:2: align.project: .*write true or false .*\(got 'yes'\)"),
         ("seed: -1\n", r"params.yaml:1: seed: .*greater than or equal to 0 \(got -1\)"),

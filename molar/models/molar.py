@@ -22,8 +22,9 @@ BCE sigmoid from the first step; the scaled cosine keeps logits in [-scale, scal
 normalises). Items are ranked by the same score the loss trains.
 
 Training objective (``MolarObjective``; paper Eq. 3-5 and Appendix B):
-``L = L_bce + align.alpha * L_align``, with ``L_bce`` point-wise BCE (or ``sampled_ce``) with
-negatives uniform over the catalog minus the positive, and ``L_align`` the symmetric InfoNCE
+``L = L_bce + align.alpha * L_align``, with ``L_bce`` point-wise BCE with negatives uniform over the
+catalog minus the positive (or ``sampled_ce``: a softmax over negatives shared by the batch; or
+``ce``: the full softmax over the catalog, cached items only), and ``L_align`` the symmetric InfoNCE
 (cosine / tau, in-batch negatives) between DUEG user vectors and the frozen ID model's user
 vectors of the same histories. With alpha = 0 the alignment term is computed for the log only,
 under no_grad, so the gradient is exactly the BCE one. Every step logs both terms, the
@@ -301,6 +302,14 @@ class MolarModel(nn.Module):
             return self.config.logit_scale * (users * items).sum(-1)
         return (users * items).sum(-1)
 
+    def shared_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores of users [P, d] against one candidate list for all [k, d] -> [P, k], as one matmul:
+        ``logits`` on [P, 1, d] x [1, k, d] would materialise a [P, k, d] product (sampled_ce with
+        256 negatives: 1 GB per step on ML-1M; the whole catalog of ``train.loss: ce``: 13 GB)."""
+        if self.config.similarity == "cosine":
+            return self.config.logit_scale * F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T
+        return users @ items.T
+
     def user_vectors(self, histories: Sequence[Sequence[int]], batch_size: int = 256) -> torch.Tensor:
         """The user vector after each whole history [B, hidden] (inference: table item vectors).
 
@@ -423,7 +432,7 @@ def align_head_for(hidden_size: int, id_dim: int | None, project: bool) -> nn.Mo
 @dataclass(frozen=True)
 class ObjectiveSettings:
     n_items: int
-    loss: str = "bce"  # bce | sampled_ce
+    loss: str = "bce"  # bce | sampled_ce | ce (full softmax over the catalog)
     num_negatives: int = 1
     all_positions: bool = True
     alpha: float = 0.1
@@ -451,8 +460,8 @@ class MolarObjective:
         co_train: bool = False,
         id_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # (hidden, targets, items)
     ) -> None:
-        if settings.loss not in ("bce", "sampled_ce"):
-            raise ValueError(f"train.loss must be bce or sampled_ce, got {settings.loss!r}")
+        if settings.loss not in ("bce", "sampled_ce", "ce"):
+            raise ValueError(f"train.loss must be bce, sampled_ce or ce, got {settings.loss!r}")
         if settings.align_positions not in ("last", "all"):
             raise ValueError(f"align.positions must be last or all, got {settings.align_positions!r}")
         if settings.alpha > 0 and id_model is None and not co_train:
@@ -485,6 +494,8 @@ class MolarObjective:
         # negatives first: in end-to-end mode MIRM embeds inputs, positives and negatives in one pass
         if s.loss == "bce":
             neg = losses.uniform_negatives(pos, s.n_items, s.num_negatives)  # [P, k]
+        elif s.loss == "ce":  # full softmax: every catalog item a negative (the positive's own column masked)
+            neg = torch.arange(1, s.n_items + 1, device=device).unsqueeze(0)  # [1, n_items]
         else:
             k = min(s.num_negatives, s.n_items)
             neg = (torch.randperm(s.n_items, device=device)[:k] + 1).unsqueeze(0)  # [1, k] shared by the batch
@@ -494,7 +505,10 @@ class MolarObjective:
         users = users_all[keep]  # [P, hidden]
         pos_items, neg_items = out["pos_items"], out["neg_items"]  # [P, hidden], [P or 1, k, hidden]
         pos_logit = core.logits(users, pos_items)  # [P]
-        neg_logit = core.logits(users.unsqueeze(1), neg_items)  # [P, k]
+        if neg_items.shape[0] == 1:  # one list shared by the batch (sampled_ce, ce)
+            neg_logit = core.shared_logits(users, neg_items[0])  # [P, k]
+        else:
+            neg_logit = core.logits(users.unsqueeze(1), neg_items)  # [P, k]
         if s.loss == "bce":
             rec_loss = losses.pointwise_bce(pos_logit, neg_logit)
             live = (torch.sigmoid(neg_logit.detach().float()) > LIVE_NEGATIVE).float().mean().item()
@@ -522,7 +536,7 @@ class MolarObjective:
             logs["id_loss"] = id_loss.item()
 
         item_vecs = torch.cat([pos_items.detach(), neg_items.detach().reshape(-1, pos_items.shape[-1])])
-        logs = {"loss": loss.item(), "bce" if s.loss == "bce" else "sampled_ce": rec_loss.item(), **logs}
+        logs = {"loss": loss.item(), s.loss: rec_loss.item(), **logs}
         logs.update({"user_std": spread(users), "item_std": spread(item_vecs), "live_negatives": live})
         if self.on_step is not None:
             self.on_step(int(batch.get("step", -1)), logs)
@@ -585,7 +599,7 @@ class StepLog:
     """Per-step training log that survives resume: ``state_dir/steps-<run_key>.csv``, appended per
     micro-batch; a replayed step (after a resume) overwrites its earlier row when read back."""
 
-    FIELDS = ("step", "loss", "bce", "sampled_ce", "align", "id_loss", "user_std", "item_std", "live_negatives")
+    FIELDS = ("step", "loss", "bce", "sampled_ce", "ce", "align", "id_loss", "user_std", "item_std", "live_negatives")
 
     def __init__(self, state_dir: str | Path, run_key: str) -> None:
         state_dir = Path(state_dir)
