@@ -195,7 +195,8 @@ def run_molar(params, alpha: float, tables, n_items, backbone, table, sasrec, sa
 
 def train_step_seconds(model, params, tables, batch: int, steps: int) -> float:
     """Median seconds of one optimizer step of the train-molar objective (``params.train``'s loss and
-    positions, MIRM at ``train.mirm_lr`` end to end) on the first real ML-1M batches, the first (warm-up)
+    positions, MIRM at ``train.mirm_lr`` end to end, under bf16 autocast when ``train.mixed_precision`` is
+    bf16, as the stage's accelerate loop runs it) on the first real ML-1M batches, the first (warm-up)
     step left out. Alignment is off: it adds one forward pass of the small ID model."""
     import torch
 
@@ -219,7 +220,8 @@ def train_step_seconds(model, params, tables, batch: int, steps: int) -> float:
         if i == steps + 1:
             break
         started = time.perf_counter()
-        loss, _ = objective(model, {"inputs": inputs, "targets": targets, "step": i})
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16"):
+            loss, _ = objective(model, {"inputs": inputs, "targets": targets, "step": i})
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -232,7 +234,8 @@ def ml1m_throughput(backbone, table, params, tables, batch: int = 8) -> dict:
     """Training sequences/s of train-molar on real ML-1M batches of ``batch`` users (``train.max_length``
     items each): DUEG of ``dueg.layers`` blocks over cached items, the same DUEG end to end (MIRM, SmolLM2
     on the items' prompts, trained with it: ``train.mirm_trainable: true``), and a full-depth DUEG over
-    cached items. A few steps each: an end-to-end epoch on ML-1M takes days on CPUs."""
+    cached items; and the cached DUEG under bf16 autocast (``train.mixed_precision: bf16``). A few steps
+    each: an end-to-end epoch on ML-1M takes days on CPUs."""
     import copy
 
     from molar.models import molar as M
@@ -240,11 +243,12 @@ def ml1m_throughput(backbone, table, params, tables, batch: int = 8) -> dict:
     from molar.models.mirm import ItemEmbedder, catalog_embedder, make_encoder
     from molar.train import run_defining, run_key
 
-    def measure(layers: int, end_to_end: bool, steps: int) -> dict:
+    def measure(layers: int, end_to_end: bool, steps: int, mixed_precision: str = "no") -> dict:
         # end to end, MIRM's activations for every item of a step (up to batch x max_length inputs and
         # positives plus the negatives) outgrow the machine's memory unless its layers recompute them
+        train = {"gradient_checkpointing": end_to_end, "mixed_precision": mixed_precision}
         p = params.model_copy(update={"dueg": params.dueg.model_copy(update={"layers": layers}),
-                                      "train": params.train.model_copy(update={"gradient_checkpointing": end_to_end})})
+                                      "train": params.train.model_copy(update=train)})
         if end_to_end:
             embed = catalog_embedder(make_encoder(backbone, p.mirm, "movielens"), tables["items"].sort("item_idx"))
             items = M.MirmItems(ItemEmbedder(copy.deepcopy(backbone.model)), embed, table, p.mirm.embed_batch_size)
@@ -252,21 +256,23 @@ def ml1m_throughput(backbone, table, params, tables, batch: int = 8) -> dict:
             items = M.CachedItems(table)
         model = M.build_model(copy.deepcopy(decoder_of(backbone.model)).float(), items, p, id_dim=None)
         seconds = train_step_seconds(model, p, tables, batch, steps)
-        return {"layers": len(model.dueg.decoder.layers), "gradient_checkpointing": end_to_end,
+        return {"layers": len(model.dueg.decoder.layers), "gradient_checkpointing": end_to_end, "mixed_precision": mixed_precision,
                 "seconds_per_step": seconds, "sequences_per_s": batch / seconds}
 
     def compute():
         started = time.perf_counter()
         record = {"batch": batch, "max_length": params.train.max_length, "loss": params.train.loss}
-        for name, layers, end_to_end, steps in (("cached", params.dueg.layers, False, 20), ("full_depth_cached", 0, False, 4),
-                                                 ("end_to_end", params.dueg.layers, True, 2)):
+        for name, layers, end_to_end, steps, mixed in (("cached", params.dueg.layers, False, 20, "no"),
+                                                        ("cached_bf16", params.dueg.layers, False, 20, "bf16"),
+                                                        ("full_depth_cached", 0, False, 4, "no"),
+                                                        ("end_to_end", params.dueg.layers, True, 2, "no")):
             log(f"throughput on ML-1M: {name}")
-            record[name] = measure(layers, end_to_end, steps)
+            record[name] = measure(layers, end_to_end, steps, mixed)
         record["seconds"] = time.perf_counter() - started
         record["peak_rss_mib"] = peak_mib()
         return record
 
-    key = run_key("bench-molar-ml1m-throughput", batch, run_defining(params.section_dict("train")), params.section_dict("dueg"), run_key(table))
+    key = run_key("bench-molar-ml1m-throughput-bf16", batch, run_defining(params.section_dict("train")), params.section_dict("dueg"), run_key(table))
     return cached_json(OUT / "ml1m_throughput.json", compute, key)
 
 
@@ -343,14 +349,16 @@ def main() -> None:
     ap.add_argument("--max-users", type=int, help="smoke run: only the first N users (results are not comparable)")
     ap.add_argument("--out", type=Path, default=OUT, help="where phase results and training state live")
     ap.add_argument("--sasrec-epochs", type=int, default=SASREC_OVERRIDES["epochs"])
-    ap.add_argument("--loss", default="bce", help="train.loss: bce (paper, 1:1) or sampled_ce")
+    ap.add_argument("--loss", default="bce", help="train.loss: bce (paper, 1:1), sampled_ce or ce (full softmax)")
     ap.add_argument("--negatives", type=int, default=1, help="train.num_negatives")
     ap.add_argument("--lr", type=float, default=TRAIN_OVERRIDES["lr"], help="train.lr")
     ap.add_argument("--max-length", type=int, default=TRAIN_OVERRIDES["max_length"], help="train.max_length: history items DUEG reads")
+    ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16"), help="train.mixed_precision of the Molar runs (bf16: 2-3x on CPUs with AVX512-BF16)")
     args = ap.parse_args()
     OUT = args.out
     SASREC_OVERRIDES["epochs"] = args.sasrec_epochs
-    TRAIN_OVERRIDES.update(loss=args.loss, num_negatives=args.negatives, lr=args.lr, max_length=args.max_length)
+    TRAIN_OVERRIDES.update(loss=args.loss, num_negatives=args.negatives, lr=args.lr, max_length=args.max_length,
+                           mixed_precision=args.mixed_precision)
 
     import torch
 
@@ -415,7 +423,10 @@ def main() -> None:
         t = report["ml1m_throughput"]
         cached = t["cached"]["sequences_per_s"]
         print(f"\ntrain-molar steps on ML-1M (batch {t['batch']}, {t['max_length']} items, loss {t['loss']}; median step): "
-              f"cached items, {t['cached']['layers']}-block DUEG {cached:.1f} seq/s; end to end through MIRM "
+              f"cached items, {t['cached']['layers']}-block DUEG {cached:.1f} seq/s"
+              + (f", under bf16 autocast {t['cached_bf16']['sequences_per_s']:.1f} seq/s (x{t['cached_bf16']['sequences_per_s'] / cached:.2f})"
+                 if "cached_bf16" in t else "")
+              + f"; end to end through MIRM "
               f"{t['end_to_end']['sequences_per_s']:.3f} seq/s (x{t['end_to_end']['sequences_per_s'] / cached:.4f} of cached); "
               f"full depth ({t['full_depth_cached']['layers']} blocks), cached items {t['full_depth_cached']['sequences_per_s']:.2f} seq/s "
               f"(x{t['full_depth_cached']['sequences_per_s'] / cached:.3f}); peak RSS {t['peak_rss_mib']:.0f} MiB")
