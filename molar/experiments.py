@@ -283,12 +283,26 @@ def collect(repo: Path, ref: str, run_dir: Path, record: dict) -> None:
 
 
 def drop_unevaluated(run_dir: Path) -> None:
-    """Remove metrics/by_model/<model>/ of models outside the run's eval.models: files the
-    experiment commit only carried over from its baseline, not results of this run."""
-    evaluated = set(YAML(typ="safe").load((run_dir / "params.yaml").read_text())["eval"]["models"])
-    for model_dir in sorted((run_dir / "metrics" / "by_model").glob("*")):
+    """Remove what the experiment commit only carried over from its baseline, not results of this run:
+    metrics/by_model/<model>/ of models outside the run's eval.models, the training curves
+    (<model>_train.csv / .json) of ID models it neither evaluated nor aligned Molar to, and
+    item-content.json when no content SASRec trained."""
+    params = YAML(typ="safe").load((run_dir / "params.yaml").read_text())
+    evaluated = set(params["eval"]["models"])
+    metrics = run_dir / "metrics"
+    for model_dir in sorted((metrics / "by_model").glob("*")):
         if model_dir.name not in evaluated:
             shutil.rmtree(model_dir)
+    trained = set(evaluated)
+    if evaluated & {"molar", "molar+sasrec"}:
+        trained.add((params.get("align") or {}).get("id_model", "sasrec"))
+    if "molar+sasrec" in evaluated:
+        trained.add("sasrec")
+    for curve in sorted([*metrics.glob("*_train.csv"), *metrics.glob("*_train.json")]):
+        if curve.name.rsplit("_train.", 1)[0] not in trained | {"molar"}:  # molar_train/ is a folder, not these
+            curve.unlink()
+    if not any(m.startswith("sasrec-") for m in trained):
+        (metrics / "item-content.json").unlink(missing_ok=True)
 
 
 def _put_text(path: Path, text: str) -> None:

@@ -16,6 +16,7 @@ from molar.experiments import (
     Run,
     apply_overrides,
     check_runs,
+    drop_unevaluated,
     is_done,
     load_set,
     parse_set_option,
@@ -216,3 +217,21 @@ def test_restore_interrupted_base_puts_back_the_params_a_stopped_workspace_set_s
     restore_interrupted_base(tmp_path, lines.append)
     assert (tmp_path / "params.yaml").read_text() == "seed: 42\n"
     assert not (tmp_path / WORKSPACE_BASE).exists() and "restored" in lines[0]
+
+
+def test_a_collected_run_keeps_only_the_metric_files_it_made(tmp_path: Path) -> None:
+    # eval.models [popularity, molar]: Molar aligned to gru4rec, so gru4rec trained; the rest is baseline carry-over
+    (tmp_path / "params.yaml").write_text("eval:\n  models: [popularity, molar]\nalign:\n  id_model: gru4rec\n")
+    metrics = tmp_path / "metrics"
+    for model in ("popularity", "molar", "sasrec", "fpmc"):
+        (metrics / "by_model" / model).mkdir(parents=True)
+    for name in ("gru4rec", "sasrec", "fpmc", "sasrec-text"):
+        for ext in ("csv", "json"):
+            (metrics / f"{name}_train.{ext}").write_text("")
+    (metrics / "molar_train").mkdir()
+    for name in ("item-content.json", "eval.json", "mirm.json"):
+        (metrics / name).write_text("{}")
+    drop_unevaluated(tmp_path)
+    assert sorted(p.name for p in (metrics / "by_model").iterdir()) == ["molar", "popularity"]
+    assert sorted(p.name for p in metrics.iterdir() if p.is_file()) == ["eval.json", "gru4rec_train.csv", "gru4rec_train.json", "mirm.json"]
+    assert (metrics / "molar_train").is_dir()
