@@ -40,9 +40,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -248,6 +250,36 @@ def tool_env() -> dict:
     return env
 
 
+def run_in_own_group(cmd: Sequence[str], cwd: Path, env: dict) -> tuple[int, signal.Signals | None]:
+    """Run ``cmd`` in a process group of its own; SIGINT or SIGTERM sent to this process goes to that group.
+
+    `dvc exp run` runs each stage as a child of its own: a signal sent to `molar experiment` alone
+    (`kill PID`, a scheduler's stop) would otherwise end this process and leave dvc and the stage
+    training on. The group has a session of its own, so Ctrl-C in a terminal reaches this process
+    only and is passed on the same way. Returns the exit code and the signal that stopped the run,
+    if one did.
+    """
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, start_new_session=True)
+    received: list[signal.Signals] = []
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        received.append(signal.Signals(signum))
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:  # the group has already exited
+            pass
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers can be set only there
+    previous = {s: signal.signal(s, pass_on) for s in handled} if in_main else {}
+    try:
+        returncode = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return returncode, (received[0] if received else None)
+
+
 def _ref_of(repo: Path, exp_name: str) -> str:
     """Where DVC keeps experiment ``exp_name`` of the current HEAD: refs/exps/<sha[:2]>/<sha[2:]>/<name>."""
     head = _git(["rev-parse", "HEAD"], repo).strip()
@@ -359,9 +391,12 @@ def run_set(
             if workspace:  # each run's -S applies to the set's params, not to the previous run's
                 _put_text(repo / WORKSPACE_BASE, params_text)
                 _put_text(repo / "params.yaml", params_text)
-            proc = subprocess.run(cmd, cwd=repo, env=tool_env())
-            if proc.returncode != 0:
-                raise ExperimentError(f"run {run.name}: `{shown}` exited {proc.returncode}; fix what its output says, then run the set again (done runs are kept)")
+            returncode, stopped_by = run_in_own_group(cmd, cwd=repo, env=tool_env())
+            if stopped_by is not None:
+                resumes = "this one resumes from its stages' saved state" if workspace else "this one starts over (a --temp copy keeps no state)"
+                raise ExperimentError(f"run {run.name}: stopped by {stopped_by.name} (passed on to `dvc exp run` and its stage); give the set again to go on: done runs are kept, {resumes}")
+            if returncode != 0:
+                raise ExperimentError(f"run {run.name}: `{shown}` exited {returncode}; fix what its output says, then run the set again (done runs are kept)")
             collect(repo, experiment_ref(repo, run.name), run_dir, {**record, "seconds": round(time.perf_counter() - started, 1), "command": command})
             echo(f"[{i}/{len(runs)}] {run.name}: collected into {run_dir}/ ({time.perf_counter() - started:.0f} s)")
     finally:

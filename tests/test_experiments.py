@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +239,52 @@ def test_a_collected_run_keeps_only_the_metric_files_it_made(tmp_path: Path) -> 
     assert sorted(p.name for p in (metrics / "by_model").iterdir()) == ["molar", "popularity"]
     assert sorted(p.name for p in metrics.iterdir() if p.is_file()) == ["eval.json", "gru4rec_train.csv", "gru4rec_train.json", "mirm.json"]
     assert (metrics / "molar_train").is_dir()
+
+
+# ----------------------------------------------------------------------------- stopping a run
+# What `molar experiment` does with a `dvc exp run`: the child (here a stand-in for dvc) starts a
+# grandchild (the stage) and waits for it. A SIGTERM sent to the parent alone must stop both.
+CHILD = """
+import subprocess, sys, time
+stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1], "w").write(str(stage.pid))
+stage.wait()
+"""
+PARENT = """
+import sys
+from pathlib import Path
+from molar.experiments import run_in_own_group
+code, stopped_by = run_in_own_group([sys.executable, "-c", sys.argv[1], sys.argv[2]], cwd=Path("."), env=None)
+print(code, stopped_by.name if stopped_by else None)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as stopped
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "\nState:\tZ" in status.read_text())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX")
+def test_a_sigterm_to_the_experiment_process_alone_stops_the_run_and_its_stage(tmp_path):
+    pid_file = tmp_path / "stage.pid"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(pid_file)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stage_pid = int(pid_file.read_text())
+    assert _alive(stage_pid)
+
+    parent.send_signal(signal.SIGTERM)  # to the parent only, as `kill PID` does
+    out, _ = parent.communicate(timeout=60)
+
+    assert parent.returncode == 0  # the parent survived the signal to report it
+    assert out.split() == [str(-signal.SIGTERM), "SIGTERM"]  # the child group was stopped by SIGTERM
+    deadline = time.monotonic() + 30
+    while _alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(stage_pid), "the stage (grandchild) outlived the stopped experiment"
