@@ -230,7 +230,7 @@ class DuegParams(Section):
     # content SASRecs (their item inputs are content already: MIRM's here)
     kind: Literal["llm", "sasrec", "gru4rec", "fpmc"] = "llm"
     init: Literal["base", "mirm"] = "base"
-    item_adapter: Literal["auto", "linear", "whiten"] = "whiten"
+    item_adapter: Literal["auto", "linear", "whiten", "mlp"] = "whiten"
     layers: int = Field(0, ge=0)
     item_id_embedding: bool = False  # early ID fusion: a learned ID vector per item added at DUEG's input
 

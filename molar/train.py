@@ -214,6 +214,12 @@ def load_checkpoint(state_dir: Path, run_key: str) -> dict[str, Any] | None:
     return ckpt
 
 
+def _state_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> bool:
+    """Whether ``saved`` (a checkpoint's model weights) has exactly ``model``'s weight names and shapes."""
+    own = model.state_dict()
+    return own.keys() == saved.keys() and all(own[k].shape == saved[k].shape for k in own)
+
+
 def process_state():
     """accelerate's process group view (one process unless run under ``accelerate launch``/``torchrun``).
 
@@ -361,6 +367,12 @@ def fit(
     # ---------------------------------------------------------------- fresh start or resume
     sweep_temps(ckpt_path)  # left by a process killed while saving
     ckpt = load_checkpoint(state_dir, run_key)
+    if ckpt is not None and not _state_fits(raw_model, ckpt["model"]):
+        # same params, other model code (a layer added or resized since): its weights cannot be loaded
+        tqdm.write(f"{ckpt_path}: the saved state does not fit this model (weight names or shapes differ: "
+                   f"the code changed since it was saved); starting fresh")
+        ckpt_path.unlink()
+        ckpt = None
     if ckpt is not None:  # the stored run under this call's patience (it may differ from the stored one's)
         stop_epoch = stop_epoch_of(ckpt["history"], select_metric, settings.patience)
         if stop_epoch is not None and stop_epoch < ckpt["epoch"]:

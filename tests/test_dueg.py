@@ -149,3 +149,4 @@ def test_dueg_whitening_uses_the_decoders_token_embedding_scale() -> None:
     catalog = torch.randn(40, 32)
     dueg = Dueg(decoder, 32, item_adapter="whiten", catalog=catalog)
     assert torch.allclose(dueg.project_items(catalog).std(0), torch.full((32,), 0.25), rtol=1e-3)
+

@@ -185,6 +185,18 @@ def test_changed_run_key_starts_fresh(tmp_path):
     assert cadence.resumed  # how often to checkpoint does not change the run
 
 
+def test_a_saved_state_that_no_longer_fits_the_model_starts_fresh(tmp_path):
+    # same run key (same params), but the model code changed since: a wider layer
+    x, y = _tiny_problem()
+    settings = LoopSettings(lr=0.1, epochs=2, seed=0)
+    fit(_linear(), settings, _batches(x, y, 8), 4, _mse, tmp_path, "run-a")
+    torch.manual_seed(0)
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    again = fit(wider, settings, _batches(x, y, 8), 4, _mse, tmp_path, "run-a")
+    assert not again.resumed and len(again.history) == 2
+    assert fit(wider, settings, _batches(x, y, 8), 4, _mse, tmp_path, "run-a").resumed  # its own state now
+
+
 def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
     x, y = _tiny_problem()
     settings = LoopSettings(lr=0.1, epochs=2, seed=0, mixed_precision="bf16")

@@ -147,7 +147,9 @@ def item_adapter_for(
     learned linear map. ``linear``: a learned affine map started as centring on the catalog mean
     (weights identity, or the default init when the widths differ). ``whiten``: a learned affine
     map started as the catalog's whitening, scaled to ``input_scale`` (the RMS of the decoder's
-    own token embeddings, so items enter at the scale the decoder was trained on).
+    own token embeddings, so items enter at the scale the decoder was trained on). ``mlp``: the
+    same fixed whitening, then ``whiten``'s learned map plus a GELU MLP (``ResidualMlp``) that
+    starts at zero, so the adapter starts as ``whiten`` and can learn what a linear map cannot.
 
     Why not the plain states: LLM final states share one dominant direction (the tiny preset's
     items have a mean pairwise cosine of 0.999), and after centring a few directions still carry
@@ -159,11 +161,11 @@ def item_adapter_for(
     statistics; without it (loading a checkpoint, whose weights replace the init) the map starts
     as the identity / default init.
     """
-    if kind not in ("auto", "linear", "whiten"):
-        raise ValueError(f"dueg.item_adapter must be auto, linear or whiten, got {kind!r}")
+    if kind not in ("auto", "linear", "whiten", "mlp"):
+        raise ValueError(f"dueg.item_adapter must be auto, linear, whiten or mlp, got {kind!r}")
     if kind == "auto":
         return nn.Identity() if item_dim == hidden_size else nn.Linear(item_dim, hidden_size)
-    if kind == "whiten":
+    if kind in ("whiten", "mlp"):
         # fixed whitening, then a learned map started as the identity: a learned whitening matrix
         # would see the raw states (norm ~9 along the shared direction) and Adam's first steps
         # would undo it; the fixed statistics keep the learned map well conditioned
@@ -174,7 +176,9 @@ def item_adapter_for(
                 layer.weight.copy_(torch.eye(hidden_size))
             else:
                 nn.init.orthogonal_(layer.weight)  # keeps the whitened spread
-        return nn.Sequential(ItemWhitening(item_dim, catalog, input_scale), layer)
+        # the MLP as wide as its output, as content SASRec's projection: wider costs a catalog pass per step under ce
+        learned = layer if kind == "whiten" else ResidualMlp(layer, hidden_size)
+        return nn.Sequential(ItemWhitening(item_dim, catalog, input_scale), learned)
     layer = nn.Linear(item_dim, hidden_size)
     with torch.no_grad():
         if item_dim == hidden_size:
@@ -182,6 +186,30 @@ def item_adapter_for(
         mean = torch.zeros(item_dim) if catalog is None else catalog.detach().float().mean(0)
         layer.bias.copy_(-(layer.weight @ mean))
     return layer
+
+
+class ResidualMlp(nn.Module):
+    """``linear(x) + down(gelu(up(x)))``, ``down`` started at zero: the ``mlp`` item adapter's learned part.
+
+    Why a non-linear part: over cached item vectors a linear adapter's item table is
+    ``content @ W.T``, whose columns all lie in the ``item_dim``-dimensional span of the catalog's
+    content columns; an ID table (SASRec's) places every item freely. On ML-1M (3,416 items,
+    576-d SmolLM2 states) the linear map can set at most 576 items' vectors independently and the
+    rest follow their content. The MLP lifts that limit while items stay content-only: no item ID
+    enters (that is early fusion, ``dueg.item_id_embedding``).
+    """
+
+    def __init__(self, linear: nn.Linear, width: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.up = nn.Linear(linear.in_features, width)
+        self.down = nn.Linear(width, linear.out_features)
+        with torch.no_grad():
+            self.down.weight.zero_()
+            self.down.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.down(nn.functional.gelu(self.up(x)))
 
 
 def keep_first_layers(decoder: nn.Module, n_layers: int) -> nn.Module:

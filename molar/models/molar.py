@@ -219,7 +219,7 @@ class MolarConfig:
     max_length: int  # history items DUEG sees (most recent)
     similarity: str = "cosine"  # cosine | dot
     logit_scale: float = 10.0
-    item_adapter: str = "auto"  # auto | linear | whiten (molar.models.dueg.item_adapter_for)
+    item_adapter: str = "auto"  # auto | linear | whiten | mlp (molar.models.dueg.item_adapter_for)
     dueg_kind: str = "llm"  # llm: the LLM decoder (Dueg) | an ID model's name: its encoder (IdDueg)
     item_id_embedding: bool = False  # early ID fusion (ItemIdEmbedding); checkpoints without it: False
 
