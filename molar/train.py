@@ -62,6 +62,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -303,6 +304,16 @@ def _settings_key(settings: LoopSettings) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether the CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16 among ``cpuinfo``'s flags);
+    None where that file cannot be read (not Linux). Without it, bf16 autocast works but is emulated."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
+
+
 def _make_accelerator(mixed_precision: str) -> Accelerator:
     try:
         return Accelerator(mixed_precision=mixed_precision)
@@ -354,6 +365,9 @@ def fit(
     run_key = f"{run_key}/{_settings_key(settings)}"
 
     accelerator = _make_accelerator(settings.mixed_precision)
+    if settings.mixed_precision == "bf16" and accelerator.device.type == "cpu" and cpu_has_bf16() is False:
+        tqdm.write(f"{desc}: warning: bf16 autocast on a CPU without bf16 arithmetic (no avx512_bf16 or amx_bf16 in "
+                   f"/proc/cpuinfo) is emulated, many times slower than float32; set mixed_precision: no for this machine")
     optimizer = torch.optim.AdamW(param_groups or model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum)
     total_steps = steps_per_epoch * settings.epochs

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from molar.train import CHECKPOINT, LoopSettings, epoch_rng, fit, lr_factor
+from molar.train import CHECKPOINT, LoopSettings, cpu_has_bf16, epoch_rng, fit, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,6 +195,26 @@ def test_a_saved_state_that_no_longer_fits_the_model_starts_fresh(tmp_path):
     again = fit(wider, settings, _batches(x, y, 8), 4, _mse, tmp_path, "run-a")
     assert not again.resumed and len(again.history) == 2
     assert fit(wider, settings, _batches(x, y, 8), 4, _mse, tmp_path, "run-a").resumed  # its own state now
+
+
+def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert cpu_has_bf16(cpuinfo) is False  # AVX-512 alone: bf16 still emulated
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_bf16(cpuinfo) is True
+    assert cpu_has_bf16(tmp_path / "absent") is None  # not Linux: unknown, no warning
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_warns(tmp_path, monkeypatch, capsys, native):
+    import molar.train
+
+    monkeypatch.setattr(molar.train, "cpu_has_bf16", lambda: native)
+    x, y = _tiny_problem()
+    fit(_linear(), LoopSettings(lr=0.1, epochs=1, seed=0, mixed_precision="bf16"), _batches(x, y, 8), 4, _mse, tmp_path, "run-a")
+    warned = "bf16 autocast on a CPU without bf16 arithmetic" in capsys.readouterr().out
+    assert warned is (not native)
 
 
 def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
