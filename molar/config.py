@@ -254,7 +254,7 @@ class TrainParams(Section):
     epochs: int = Field(3, ge=1)
     patience: int = Field(2, ge=1)
     grad_clip: float = Field(1.0, ge=0.0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     collapse_std: float = Field(1e-4, ge=0.0)
     similarity: Literal["cosine", "dot"] = "cosine"
     logit_scale: float = Field(10.0, gt=0.0)

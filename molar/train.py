@@ -65,7 +65,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -93,7 +93,7 @@ class LoopSettings:
     warmup_start_factor: float = 0.01  # warm-up starts at 1/100 of the peak learning rate
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: resolve_mixed_precision
     patience: int | None = None  # validations without improvement before stopping; None = never
     validate_every: int = 1  # epochs between validations (the last epoch is always validated)
     checkpoint_every: int = 200  # optimizer steps between mid-epoch checkpoints
@@ -124,6 +124,7 @@ class FitResult:
     steps: int  # optimizer steps taken
     stopped_early: bool
     resumed: bool = False  # this call continued (or returned) a checkpointed run
+    mixed_precision: str = "no"  # the precision it trained in (``auto`` resolved)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -314,6 +315,17 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
 
 
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto`` -> ``bf16`` where the device computes in bf16 natively (a CUDA GPU that supports it, a CPU
+    with AVX512-BF16 or AMX), else ``no``: emulated bf16 is many times slower than float32. Other
+    choices are returned as given."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():  # accelerate places the model on the GPU then
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
 def _make_accelerator(mixed_precision: str) -> Accelerator:
     try:
         return Accelerator(mixed_precision=mixed_precision)
@@ -361,6 +373,8 @@ def fit(
         raise ValueError(f"{desc}: pass validate and select_metric together")
     state_dir = Path(state_dir)
     ckpt_path = state_dir / CHECKPOINT
+    # auto resolved first: a state saved in one precision is not resumed in another (another machine)
+    settings = replace(settings, mixed_precision=resolve_mixed_precision(settings.mixed_precision))
     # the loop settings define the run as much as the caller's params: changing them starts fresh
     run_key = f"{run_key}/{_settings_key(settings)}"
 
@@ -549,4 +563,5 @@ def fit(
         steps=step,
         stopped_early=stopped_early,
         resumed=resumed,
+        mixed_precision=settings.mixed_precision,
     )

@@ -149,6 +149,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         "valid_recall@10": round(best["valid_recall@10"], 6),
         "train_seconds": round(sum(r["seconds"] for r in result.history), 2),
         "threads": threads,  # results are bit-identical for one thread count only
+        "mixed_precision": result.mixed_precision,  # as trained (train.mixed_precision auto resolved)
     }
     if not result.resumed:  # a replayed or partly replayed run has no honest throughput
         # training sequences per second of training (validation and checkpoints not counted)

@@ -39,7 +39,7 @@ def test_every_params_key_has_a_comment():
         # block lists, as `dvc exp run -S` writes them: the line of the item itself
         ("eval:\n  ks:\n  - 5\n  - ten\n", r"params.yaml:4: eval.ks.1: .*valid integer \(got 'ten'\)"),
         ("seed: 1\neval:\n  models:\n  - sasrec\n  - mollar\n", r"params.yaml:5: eval.models.1: .*'molar'"),
-        ("train:\n  lr: 1e-4\n  mixed_precision: fp8\n", r"params.yaml:3: train.mixed_precision: .*'no', 'bf16' or 'fp16'"),
+        ("train:\n  lr: 1e-4\n  mixed_precision: fp8\n", r"params.yaml:3: train.mixed_precision: .*'no', 'bf16', 'fp16' or 'auto'"),
         # a rule across two keys: the section is named, and the message says what to change
         ("train:\n  loss: ce\n  mirm_trainable: true\n", r"train: .*loss: ce .*whole catalog per step: use loss: sampled_ce"),
         # YAML 1.2: yes/on are strings, not booleans; the message says what to write

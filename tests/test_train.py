@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from molar.train import CHECKPOINT, LoopSettings, cpu_has_bf16, epoch_rng, fit, lr_factor
+from molar.train import CHECKPOINT, LoopSettings, cpu_has_bf16, epoch_rng, fit, lr_factor, resolve_mixed_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,6 +215,36 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_warns(tmp_path, monkeypatch, caps
     fit(_linear(), LoopSettings(lr=0.1, epochs=1, seed=0, mixed_precision="bf16"), _batches(x, y, 8), 4, _mse, tmp_path, "run-a")
     warned = "bf16 autocast on a CPU without bf16 arithmetic" in capsys.readouterr().out
     assert warned is (not native)
+
+
+@pytest.mark.parametrize(
+    "cuda, cuda_bf16, cpu_bf16, expected",
+    [(False, None, True, "bf16"), (False, None, False, "no"), (False, None, None, "no"), (True, True, False, "bf16"), (True, False, True, "no")],
+)
+def test_auto_mixed_precision_is_bf16_only_where_the_device_computes_it(monkeypatch, cuda, cuda_bf16, cpu_bf16, expected):
+    import molar.train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(molar.train, "cpu_has_bf16", lambda: cpu_bf16)
+    assert resolve_mixed_precision("auto") == expected
+    for explicit in ("no", "bf16", "fp16"):  # only auto is resolved
+        assert resolve_mixed_precision(explicit) == explicit
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_trains_in_the_resolved_precision_and_keys_its_state_by_it(tmp_path, monkeypatch, native):
+    import molar.train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(molar.train, "cpu_has_bf16", lambda: native)
+    x, y = _tiny_problem()
+    fp32 = fit(_linear(), LoopSettings(lr=0.1, epochs=2, seed=0), _batches(x, y, 8), 4, _mse, tmp_path, "run-a")
+    assert fp32.mixed_precision == "no"
+    auto = fit(_linear(), LoopSettings(lr=0.1, epochs=2, seed=0, mixed_precision="auto"), _batches(x, y, 8), 4, _mse, tmp_path, "run-a")
+    assert auto.mixed_precision == ("bf16" if native else "no")
+    # auto that resolves to fp32 is the fp32 run (its finished state replayed); resolved to bf16 it is another run
+    assert auto.resumed is (not native)
 
 
 def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
