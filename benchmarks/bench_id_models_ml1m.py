@@ -108,6 +108,41 @@ def item_content_file(root: Path, params, items) -> Path:
     return path
 
 
+class ProbeLog:
+    """probe.jsonl: after each validation, the test NDCG@10 and the wall seconds so far, one line per
+    validated epoch. A line is written at its epoch's end, and the first epoch a process finishes drops
+    the file's lines of that epoch and later ones: a fit that starts fresh (the state was another
+    run's) or redoes an epoch (stopped before its checkpoint) leaves no stale line. A resumed run
+    continues the earlier sessions' clock from their last kept line, this session's data preparation
+    counted once (the training between that validation and the checkpoint resumed from is not
+    counted: a slight undercount)."""
+
+    def __init__(self, path: Path, data_seconds: float):
+        self.path, self.data_seconds = path, data_seconds
+        self.lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        self.offset: float | None = None  # set by the first epoch this process finishes
+        self.pending: dict | None = None
+
+    def validated(self, wall_seconds: float, test_ndcg: float) -> None:
+        """This process's wall seconds at a validation (since its start) and the test NDCG@10 then."""
+        self.pending = {"wall_seconds": wall_seconds, "test_ndcg@10": test_ndcg}
+
+    def epoch_end(self, epoch: int, record: dict | None = None) -> None:
+        """fit's on_epoch_end: writes the epoch's validation line, if it validated."""
+        if self.offset is None:
+            self.lines = [line for line in self.lines if line.get("epoch", line["validation"]) < epoch]  # older files: no epoch
+            self.offset = self.lines[-1]["wall_seconds"] - self.data_seconds if self.lines else 0.0
+        if self.pending is None:
+            return
+        line = {"validation": len(self.lines) + 1, "epoch": epoch, **self.pending}
+        line["wall_seconds"] += self.offset
+        self.lines.append(line)
+        self.pending = None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in self.lines))
+        tmp.replace(self.path)  # atomic: a stop never leaves half a line
+
+
 def run_model(params_path: Path, model: str, overrides: dict[str, object], threads: int, out_dir: Path) -> dict:
     """Train and test one model in this process; return its result record (probe lines go to out_dir)."""
     import torch
@@ -138,29 +173,20 @@ def run_model(params_path: Path, model: str, overrides: dict[str, object], threa
             mask_history=params.eval.mask_history, chunk_size=params.eval.user_chunk_size, progress=False,
         )
 
-    probe_path = out_dir / "probe.jsonl"
+    probes = ProbeLog(out_dir / "probe.jsonl", data.seconds)
     probe_seconds = 0.0  # time spent in the probe itself, left out of the wall clock it reports
-    # a resumed run continues the earlier sessions' clock from their last validation (the training
-    # between that validation and the checkpoint it resumes from is not counted: a slight undercount)
-    earlier = [json.loads(line) for line in probe_path.read_text().splitlines()] if probe_path.exists() else []
-    validations = len(earlier)
-    if earlier:
-        wall_start -= earlier[-1]["wall_seconds"] - data.seconds  # this session's data preparation counts once
 
     def probe(m) -> None:
-        nonlocal probe_seconds, validations
+        nonlocal probe_seconds
         started = time.perf_counter()
-        validations += 1
-        ndcg = test_metrics(m)["ndcg@10"]
-        line = {"validation": validations, "wall_seconds": started - wall_start - probe_seconds, "test_ndcg@10": ndcg}
-        with probe_path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        probes.validated(started - wall_start - probe_seconds, test_metrics(m)["ndcg@10"])
         probe_seconds += time.perf_counter() - started
 
     model_obj, result = train_id_model(
         model, section, data.train, data.valid_histories, data.valid_targets, n_items, params.seed,
         state_dir=out_dir / "state", mask_history=params.eval.mask_history,
         eval_chunk_size=params.eval.user_chunk_size, desc=f"{model} {run_slug(overrides)}", on_validate=probe, build=build,
+        on_epoch_end=probes.epoch_end,
     )
     return {
         "model": model,
@@ -262,6 +288,7 @@ def main() -> None:
             (out_dir / "result.json").unlink(missing_ok=True)  # rewritten when this run ends
             if not (out_dir / "state").exists():
                 (out_dir / "probe.jsonl").unlink(missing_ok=True)  # no state to resume: the run starts over
+            # (with a state of another run, the fit starts fresh and run_model drops the stale lines)
             cmd = [sys.executable, "-m", "benchmarks.bench_id_models_ml1m", "--run", f"{model}/{slug}", "--params", str(args.params),
                    "--threads", str(args.threads)]
             cmd += [arg for s in args.set if s.startswith(model + ".") for arg in ("--set", s)]
