@@ -62,6 +62,24 @@ def test_items_are_the_projected_whitened_content_tied_on_both_sides():
     assert torch.equal(model.input_vectors(ids)[0], model.item_embeddings()[[5, 7]])
 
 
+def test_the_whitened_catalog_is_reused_and_follows_its_buffers():
+    """Computed once while the buffers stay as they are; a load or an in-place change recomputes it."""
+    model = _model(_content(seed=0))
+    first = model.whitened_content()
+    assert model.whitened_content() is first  # reused, not recomputed
+    assert torch.equal(first, model.whitening(model.content[1:]))
+    other = _model(_content(seed=3))
+    model.load_state_dict(other.state_dict())  # copies into the same storage: only the version changes
+    assert torch.equal(model.whitened_content(), other.whitening(other.content[1:]))
+    assert torch.equal(model.item_embeddings(), other.item_embeddings())
+    with torch.no_grad():
+        model.content[2] += 1.0
+    assert torch.equal(model.whitened_content(), model.whitening(model.content[1:]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast context is part of what it is computed from
+        assert model.whitened_content().dtype == torch.bfloat16
+    assert model.whitened_content().dtype == torch.float32
+
+
 def test_padding_never_changes_a_user_vector():
     model = _model()
     alone = model.user_vectors([[3, 4, 5]])
