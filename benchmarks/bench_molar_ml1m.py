@@ -202,7 +202,7 @@ def train_step_seconds(model, params, tables, batch: int, steps: int) -> float:
 
     from molar.models import molar as M
     from molar.recipes.id_models import NextItemBatches
-    from molar.recipes.molar import checkpoint_activations, mirm_param_groups
+    from molar.recipes.molar import checkpoint_activations, param_groups
 
     t = params.train
     if t.gradient_checkpointing:
@@ -212,7 +212,7 @@ def train_step_seconds(model, params, tables, batch: int, steps: int) -> float:
                             all_positions=t.all_positions, alpha=0.0),
         id_model=None,
     )
-    optimizer = torch.optim.AdamW(mirm_param_groups(model, t.mirm_lr) or model.parameters(), lr=t.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, t) or model.parameters(), lr=t.lr)
     pairs = NextItemBatches(tables["train"].sort("user_idx")["items"].to_list(), t.max_length, batch, params.seed)
     model.train()
     times = []

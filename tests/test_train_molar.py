@@ -178,20 +178,33 @@ def test_end_to_end_items_stay_centred_where_the_catalog_started() -> None:
     torch.testing.assert_close(items.table, start)
 
 
-def test_end_to_end_mode_trains_the_item_model_at_its_own_lr() -> None:
-    from molar.recipes.molar import mirm_param_groups
+def test_parts_with_their_own_lr_get_their_own_adamw_group() -> None:
+    from molar.config import TrainParams
+    from molar.models.molar import ItemIdEmbedding
+    from molar.recipes.molar import param_groups
 
-    class Stand(torch.nn.Module):  # what mirm_param_groups reads of a MolarModel: .items and the parameters
-        def __init__(self, items: torch.nn.Module) -> None:
+    class Stand(torch.nn.Module):  # what param_groups reads of a MolarModel: .items, .item_ids and the parameters
+        def __init__(self, items: torch.nn.Module, item_ids: torch.nn.Module | None = None) -> None:
             super().__init__()
-            self.items, self.dueg = items, torch.nn.Linear(4, 4)
+            self.items, self.dueg, self.item_ids = items, torch.nn.Linear(4, 4), item_ids
 
+    t = TrainParams(lr=2e-4, mirm_lr=3e-5, item_id_lr_scale=10.0)
     mirm = torch.nn.Embedding(6, 4)
     end_to_end = Stand(MirmItems(mirm, lambda m, ids: m(ids), torch.zeros(6, 4), refresh_batch=2))
-    rest, item_side = mirm_param_groups(end_to_end, 3e-5)
+    rest, item_side = param_groups(end_to_end, t)
     assert [id(p) for p in item_side["params"]] == [id(mirm.weight)] and item_side["lr"] == 3e-5
     assert {id(p) for p in rest["params"]} == {id(p) for p in end_to_end.dueg.parameters()} and "lr" not in rest
-    assert mirm_param_groups(Stand(torch.nn.Identity()), 3e-5) is None  # cached items: one group at train.lr
+    assert param_groups(Stand(torch.nn.Identity()), t) is None  # cached items, no ID table: one group at train.lr
+
+    ids = ItemIdEmbedding(5, 4, 3, 1.0, 1.0)
+    early = Stand(torch.nn.Identity(), ids)
+    rest, id_side = param_groups(early, t)
+    assert {id(p) for p in id_side["params"]} == {id(ids.inputs.weight), id(ids.candidates.weight)}
+    assert id_side["lr"] == pytest.approx(2e-3)  # train.lr x item_id_lr_scale
+    assert {id(p) for p in rest["params"]} == {id(p) for p in early.dueg.parameters()}
+    assert param_groups(early, TrainParams(lr=2e-4, item_id_lr_scale=1.0)) is None  # scale 1: the ID table at train.lr
+    both = param_groups(Stand(MirmItems(mirm, lambda m, ids: m(ids), torch.zeros(6, 4), refresh_batch=2), ids), t)
+    assert [group.get("lr") for group in both] == [None, 3e-5, pytest.approx(2e-3)]
 
 
 class Interrupted(Exception):
