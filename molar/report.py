@@ -217,6 +217,9 @@ def markdown(report: dict, runs: list[CollectedRun]) -> str:
         where = data.get("source", "?") + (f" ({data['path']})" if data.get("source") != "synthetic" else "")
         overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in run.record.get("overrides", {}).items()) or "none"
         lines.append(f"| [{run.name}](runs/{run.name}/params.yaml) | {', '.join(run.record.get('rows', []))} | {overrides} | {where} | {run.record.get('seconds', '')} |")
+    notes = [(run.name, run.record["note"]) for run in runs if run.record.get("note")]  # how a run was made, when not by the set alone
+    if notes:
+        lines += [""] + [f"- {name}: {note}" for name, note in notes]
     return "\n".join(lines) + "\n"
 
 

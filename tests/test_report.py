@@ -105,6 +105,18 @@ def test_a_row_not_run_yet_is_shown_not_dropped(tmp_path):
     assert "| Pop | not run | not run | not run | not run |" in text and "| SASRec | not run |" in text
 
 
+def test_a_runs_note_says_how_it_was_made(tmp_path):
+    """A run collected by another set (run.json "note") says so under the runs table; runs without one add nothing."""
+    write_run(tmp_path, "demo-molar", ["molar"], {"molar": [0.2, 0.4]})
+    write_run(tmp_path, "demo-pop", ["pop"], {"popularity": [0.1, 0.1]})
+    record = json.loads((tmp_path / "runs/demo-molar/run.json").read_text())
+    (tmp_path / "runs/demo-molar/run.json").write_text(json.dumps({**record, "note": "collected by set X, rows renamed"}))
+    write_report(demo_set(), "demo", tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.count("collected by set X") == 1 and "- demo-molar: collected by set X, rows renamed" in text
+    assert "- demo-pop:" not in text
+
+
 def test_seeds_on_one_split_average_each_user_then_pair(tmp_path):
     for seed, (sasrec, molar) in {42: ([0.2, 0.4, 0.6], [0.0, 0.0, 0.0]), 43: ([0.4, 0.6, 0.8], [0.2, 0.2, 0.2])}.items():
         write_run(tmp_path, f"demo-seed{seed}", ["pop", "sasrec", "molar"],
