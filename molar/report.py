@@ -190,6 +190,8 @@ def markdown(report: dict, runs: list[CollectedRun]) -> str:
     lines = [f"# {report['title']}", ""]
     if report["command"]:
         lines += [f"Made by `{report['command']}` (runs and their params: [runs/](runs/)); this page by `molar report {report['set']}`.", ""]
+    elif runs:
+        lines += [f"Made by the commands of the runs below (runs and their params: [runs/](runs/)); this page by `molar report {report['set']}`.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         cells = [_cell(r[m], r[f"{m}_ci95"], r[f"{m}_mark"]) for m in metrics]
@@ -211,12 +213,15 @@ def markdown(report: dict, runs: list[CollectedRun]) -> str:
               "", "![NDCG@K and Recall@K over K](by_k.png)", ""]
     if report["notes"]:
         lines += [report["notes"].strip(), ""]
-    lines += ["## Runs", "", "| run | rows | overrides (`dvc exp run -S`) | data | seconds |", "|---|---|---|---|---|"]
+    by_command = not report["command"]  # several commands made the runs: each run's own
+    lines += ["## Runs", "", "| run | rows | overrides (`dvc exp run -S`) | data | seconds |" + (" command |" if by_command else ""),
+              "|---|---|---|---|---|" + ("---|" if by_command else "")]
     for run in runs:
         data = run.params.get("data", {})
         where = data.get("source", "?") + (f" ({data['path']})" if data.get("source") != "synthetic" else "")
         overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in run.record.get("overrides", {}).items()) or "none"
-        lines.append(f"| [{run.name}](runs/{run.name}/params.yaml) | {', '.join(run.record.get('rows', []))} | {overrides} | {where} | {run.record.get('seconds', '')} |")
+        made_by = f" `{run.record['command']}` |" if by_command and run.record.get("command") else (" |" if by_command else "")
+        lines.append(f"| [{run.name}](runs/{run.name}/params.yaml) | {', '.join(run.record.get('rows', []))} | {overrides} | {where} | {run.record.get('seconds', '')} |{made_by}")
     notes = [(run.name, run.record["note"]) for run in runs if run.record.get("note")]  # how a run was made, when not by the set alone
     if notes:
         lines += [""] + [f"- {name}: {note}" for name, note in notes]
@@ -265,10 +270,12 @@ def plot_by_k(report: dict, path: Path) -> None:
 def write_report(spec: ExperimentSet, set_name: str, out: Path, command: str = "") -> dict:
     """README.md, table.csv and by_k.png of the set's collected runs in ``out``; returns the numbers."""
     collected = load_runs(out)
-    if not command:
-        command = next((c for c in (r.record.get("command", "") for r in collected) if c), "")
+    shown = {run.name for result in gather(spec, collected) for run in result.runs}
+    runs = [run for run in collected if run.name in shown]
+    if not command:  # the command that made the runs; runs made by several (collected from other sets) list theirs
+        made_by = list(dict.fromkeys(c for c in (r.record.get("command", "") for r in runs) if c))
+        command = made_by[0] if len(made_by) == 1 else ""
     report = build_report(spec, set_name, out, command, collected)
-    runs = [run for run in collected if any(run.name in r["runs"] for r in report["rows"])]
     plot_by_k(report, out / "by_k.png")
     with atomic_path(out / "table.csv") as tmp:
         tmp.write_text(table_csv(report))

@@ -117,6 +117,19 @@ def test_a_runs_note_says_how_it_was_made(tmp_path):
     assert "- demo-pop:" not in text
 
 
+def test_runs_made_by_several_commands_each_show_theirs(tmp_path):
+    write_run(tmp_path, "demo-molar", ["molar"], {"molar": [0.2, 0.4]})
+    write_run(tmp_path, "demo-pop", ["pop"], {"popularity": [0.1, 0.1]})
+    write_report(demo_set(), "demo", tmp_path)
+    assert "Made by `molar experiment demo`" in (tmp_path / "README.md").read_text()  # one command: the header says it
+    record = json.loads((tmp_path / "runs/demo-pop/run.json").read_text())
+    (tmp_path / "runs/demo-pop/run.json").write_text(json.dumps({**record, "command": "molar experiment other"}))
+    write_report(demo_set(), "demo", tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "Made by `" not in text and "Made by the commands of the runs below" in text
+    assert "| 1.5 | `molar experiment demo` |" in text and "| 1.5 | `molar experiment other` |" in text
+
+
 def test_seeds_on_one_split_average_each_user_then_pair(tmp_path):
     for seed, (sasrec, molar) in {42: ([0.2, 0.4, 0.6], [0.0, 0.0, 0.0]), 43: ([0.4, 0.6, 0.8], [0.2, 0.2, 0.2])}.items():
         write_run(tmp_path, f"demo-seed{seed}", ["pop", "sasrec", "molar"],
