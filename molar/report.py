@@ -220,8 +220,9 @@ def markdown(report: dict, runs: list[CollectedRun]) -> str:
         data = run.params.get("data", {})
         where = data.get("source", "?") + (f" ({data['path']})" if data.get("source") != "synthetic" else "")
         overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in run.record.get("overrides", {}).items()) or "none"
-        made_by = f" `{run.record['command']}` |" if by_command and run.record.get("command") else (" |" if by_command else "")
-        lines.append(f"| [{run.name}](runs/{run.name}/params.yaml) | {', '.join(run.record.get('rows', []))} | {overrides} | {where} | {run.record.get('seconds', '')} |{made_by}")
+        command = f" `{run.record['command']}` |" if run.record.get("command") else " |"
+        lines.append(f"| [{run.name}](runs/{run.name}/params.yaml) | {', '.join(run.record.get('rows', []))} | {overrides} | {where} | {run.record.get('seconds', '')} |"
+                     + (command if by_command else ""))
     notes = [(run.name, run.record["note"]) for run in runs if run.record.get("note")]  # how a run was made, when not by the set alone
     if notes:
         lines += [""] + [f"- {name}: {note}" for name, note in notes]
