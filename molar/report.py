@@ -271,12 +271,11 @@ def plot_by_k(report: dict, path: Path) -> None:
 def write_report(spec: ExperimentSet, set_name: str, out: Path, command: str = "") -> dict:
     """README.md, table.csv and by_k.png of the set's collected runs in ``out``; returns the numbers."""
     collected = load_runs(out)
-    shown = {run.name for result in gather(spec, collected) for run in result.runs}
-    runs = [run for run in collected if run.name in shown]
+    report = build_report(spec, set_name, out, command, collected)
+    runs = [run for run in collected if any(run.name in r["runs"] for r in report["rows"])]
     if not command:  # the command that made the runs; runs made by several (collected from other sets) list theirs
         made_by = list(dict.fromkeys(c for c in (r.record.get("command", "") for r in runs) if c))
-        command = made_by[0] if len(made_by) == 1 else ""
-    report = build_report(spec, set_name, out, command, collected)
+        report["command"] = made_by[0] if len(made_by) == 1 else ""
     plot_by_k(report, out / "by_k.png")
     with atomic_path(out / "table.csv") as tmp:
         tmp.write_text(table_csv(report))
