@@ -156,12 +156,20 @@ def load_set(path: Path) -> ExperimentSet:
         raise ExperimentError(f"{path}: not a valid experiment set:\n  {problems}") from None
 
 
-def plan_runs(spec: ExperimentSet, name: str, base_seed: int, seeds: int | None = None, extra: dict[str, Any] | None = None) -> list[Run]:
+def plan_runs(
+    spec: ExperimentSet, name: str, base_seed: int, seeds: int | None = None, extra: dict[str, Any] | None = None,
+    only: Sequence[str] = (),
+) -> list[Run]:
     """The runs of set ``spec`` (called ``name``): rows grouped by their overrides, times seeds.
 
     Overrides apply in order: the set's, the row's, then ``extra`` (the command line's --set).
     With more than one seed each run gets ``seed = base_seed + i`` and a ``-seed<S>`` name suffix.
+    ``only`` (row names) keeps the runs that hold one of those rows, named as in the whole set, so
+    runs made apart (two copies of the workspace, one row each) gather into one <out>/runs/.
     """
+    unknown = [r for r in only if r not in {row.name for row in spec.rows}]
+    if unknown:
+        raise ExperimentError(f"set {name}: no row {', '.join(map(repr, unknown))}; its rows: {', '.join(r.name for r in spec.rows)}")
     groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for row in spec.rows:
         overrides = {**spec.set, **row.set, **(extra or {})}
@@ -177,7 +185,7 @@ def plan_runs(spec: ExperimentSet, name: str, base_seed: int, seeds: int | None 
             else:
                 seed = base_seed + i
                 runs.append(Run(name=f"{run_name}-seed{seed}", overrides={**overrides, "seed": seed}, rows=rows, seed=seed))
-    return runs
+    return [run for run in runs if not only or set(only) & set(run.rows)]
 
 
 def apply_overrides(params_text: str, overrides: dict[str, Any]) -> dict:
@@ -353,11 +361,11 @@ def restore_interrupted_base(repo: Path, echo=print) -> None:
 
 def run_set(
     path: Path, out: Path, repo: Path = Path("."), *, seeds: int | None = None, extra: dict[str, Any] | None = None,
-    fresh: bool = False, dry_run: bool = False, workspace: bool = False, command: str = "", echo=print,
+    fresh: bool = False, dry_run: bool = False, workspace: bool = False, command: str = "", only: Sequence[str] = (), echo=print,
 ) -> list[Run]:
     """Run every run of the set at ``path`` not already done in ``out``/runs/, collect each; return the runs.
 
-    ``fresh`` reruns runs that are done; ``dry_run`` only prints the `dvc exp run` commands;
+    ``only`` (row names) runs just the runs holding those rows (plan_runs); ``fresh`` reruns runs that are done; ``dry_run`` only prints the `dvc exp run` commands;
     ``workspace`` runs them in the workspace instead of temporary copies (module docstring);
     ``command`` (the command line that ran the set) is kept in run.json for the report.
     """
@@ -367,7 +375,7 @@ def run_set(
         restore_interrupted_base(repo, echo)
     params_text = (repo / "params.yaml").read_text()
     base_seed = YAML(typ="safe").load(params_text).get("seed", 0)
-    runs = plan_runs(spec, name, base_seed, seeds, extra)
+    runs = plan_runs(spec, name, base_seed, seeds, extra, only)
     check_runs(runs, params_text, path)
     key = workspace_key(repo)
     where = [] if workspace else ["--temp"]

@@ -28,6 +28,7 @@ def main(
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="runs per row (seeds params.seed, +1, ...); default: the set's"),
     set_values: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override for every run, after the set's (repeatable), e.g. --set train.epochs=3"),
     out: Optional[Path] = typer.Option(None, "--out", help=f"results folder (default {REPORTS}/SET)"),
+    rows: List[str] = typer.Option([], "--rows", metavar="ROW", help="run only the runs holding this row (repeatable), named as in the whole set: rows run in two copies of the workspace gather into one runs/ folder"),
     fresh: bool = typer.Option(False, "--fresh", help="rerun runs that are already done"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc exp run commands, run nothing"),
     workspace: bool = typer.Option(False, "--workspace", help="run in the workspace, not temporary copies: training state is kept, so an interrupted run resumes mid-training and unchanged stages are not run again (long real-data sets)"),
@@ -37,7 +38,7 @@ def main(
         spec, label = load_set(path), set_name(path)
         out = out or REPORTS / label
         command = "molar " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        run_set(path, out, seeds=seeds, extra=parse_set_option(set_values), fresh=fresh, dry_run=dry_run, workspace=workspace, command=command, echo=typer.echo)
+        run_set(path, out, seeds=seeds, extra=parse_set_option(set_values), fresh=fresh, dry_run=dry_run, workspace=workspace, command=command, only=rows, echo=typer.echo)
         if not dry_run:
             write_report(spec, label, out, command)
             typer.echo(f"report: {out / 'README.md'}")

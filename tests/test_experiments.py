@@ -90,6 +90,18 @@ def test_seeds_multiply_runs_counting_up_from_the_params_seed():
     assert [r.name for r in plan_runs(s, "s", 7, seeds=1)] == ["s"]  # --seeds 1 overrides the set's 2
 
 
+
+def test_rows_keep_the_runs_holding_them_named_as_in_the_whole_set():
+    fusion = load_set(REPO / "experiments/fusion.yaml")  # runs [sasrec, post, late], [no-id], [early]
+    assert [r.name for r in plan_runs(fusion, "fusion", 42, only=["early"])] == ["fusion-early"]
+    # a row that shares its run brings the whole run; two rows of two runs keep the set's order
+    assert [(r.name, r.rows) for r in plan_runs(fusion, "fusion", 42, only=["early", "late"])] == [
+        ("fusion-sasrec", ["sasrec", "post", "late"]), ("fusion-early", ["early"])]
+    s = spec(seeds=2, rows=[{"name": "a", "model": "molar"}, {"name": "b", "model": "molar", "set": {"align.alpha": 0.0}}])
+    assert [r.name for r in plan_runs(s, "s", 7, only=["b"])] == ["s-b-seed7", "s-b-seed8"]
+    with pytest.raises(ExperimentError, match="no row 'c'; its rows: a, b"):
+        plan_runs(s, "s", 7, only=["a", "c"])
+
 def test_set_args_read_back_by_yaml_as_the_values_given():
     run = Run(name="r", rows=["a"], overrides={"mirm.modalities": ["text", "image"], "data.on_bad_line": "no", "align.alpha": 0.0, "dueg.item_id_embedding": True})
     args = run.set_args()
