@@ -219,6 +219,9 @@ def test_dry_run_prints_one_temp_experiment_per_run_without_forcing_every_stage(
     lines.clear()
     run_set(set_file, tmp_path / "out", tmp_path, dry_run=True, workspace=True, echo=lines.append)
     assert lines == ["[1/2] demo-a: dvc exp run -n demo-a", "[2/2] demo-b: dvc exp run -n demo-b -S align.alpha=0.0"]  # in the workspace
+    lines.clear()
+    run_set(set_file, tmp_path / "out", tmp_path, dry_run=True, workspace=True, only=["b"], echo=lines.append)
+    assert lines == ["[1/1] demo-b: dvc exp run -n demo-b -S align.alpha=0.0"]  # --rows b: the set's name for b's run
 
 
 def test_restore_interrupted_base_puts_back_the_params_a_stopped_workspace_set_started_from(tmp_path):
