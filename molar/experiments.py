@@ -167,9 +167,10 @@ def plan_runs(
     ``only`` (row names) keeps the runs that hold one of those rows, named as in the whole set, so
     runs made apart (two copies of the workspace, one row each) gather into one <out>/runs/.
     """
-    unknown = [r for r in only if r not in {row.name for row in spec.rows}]
+    names = [row.name for row in spec.rows]
+    unknown = [r for r in only if r not in names]
     if unknown:
-        raise ExperimentError(f"set {name}: no row {', '.join(map(repr, unknown))}; its rows: {', '.join(r.name for r in spec.rows)}")
+        raise ExperimentError(f"set {name}: no row {', '.join(map(repr, unknown))}; its rows: {', '.join(names)}")
     groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for row in spec.rows:
         overrides = {**spec.set, **row.set, **(extra or {})}
@@ -365,7 +366,8 @@ def run_set(
 ) -> list[Run]:
     """Run every run of the set at ``path`` not already done in ``out``/runs/, collect each; return the runs.
 
-    ``only`` (row names) runs just the runs holding those rows (plan_runs); ``fresh`` reruns runs that are done; ``dry_run`` only prints the `dvc exp run` commands;
+    ``only`` (row names) runs just the runs holding those rows (plan_runs); ``fresh`` reruns runs
+    that are done; ``dry_run`` only prints the `dvc exp run` commands;
     ``workspace`` runs them in the workspace instead of temporary copies (module docstring);
     ``command`` (the command line that ran the set) is kept in run.json for the report.
     """

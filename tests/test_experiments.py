@@ -90,7 +90,6 @@ def test_seeds_multiply_runs_counting_up_from_the_params_seed():
     assert [r.name for r in plan_runs(s, "s", 7, seeds=1)] == ["s"]  # --seeds 1 overrides the set's 2
 
 
-
 def test_rows_keep_the_runs_holding_them_named_as_in_the_whole_set():
     fusion = load_set(REPO / "experiments/fusion.yaml")  # runs [sasrec, post, late], [no-id], [early]
     assert [r.name for r in plan_runs(fusion, "fusion", 42, only=["early"])] == ["fusion-early"]
@@ -101,6 +100,7 @@ def test_rows_keep_the_runs_holding_them_named_as_in_the_whole_set():
     assert [r.name for r in plan_runs(s, "s", 7, only=["b"])] == ["s-b-seed7", "s-b-seed8"]
     with pytest.raises(ExperimentError, match="no row 'c'; its rows: a, b"):
         plan_runs(s, "s", 7, only=["a", "c"])
+
 
 def test_set_args_read_back_by_yaml_as_the_values_given():
     run = Run(name="r", rows=["a"], overrides={"mirm.modalities": ["text", "image"], "data.on_bad_line": "no", "align.alpha": 0.0, "dueg.item_id_embedding": True})
