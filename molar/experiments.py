@@ -28,7 +28,8 @@ it stopped, and stages whose params a run leaves alone are not run again (on ML-
 reference trains once for a whole set instead of once per run). Before each run params.yaml is
 put back as it was when the set started (kept in .dvc/tmp/, WORKSPACE_BASE, while the set runs:
 after an interruption the next start of any set restores it first), and again at the end; data/
-and the dvc.lock files are left as the last run made them.
+and the dvc.lock files are left as the last run made them. What a killed `dvc exp run` left staged
+in git's index is unstaged when the set starts again (unstage_index).
 """
 
 from __future__ import annotations
@@ -360,6 +361,22 @@ def restore_interrupted_base(repo: Path, echo=print) -> None:
         echo(f"params.yaml: restored from {WORKSPACE_BASE} (a workspace-mode set was stopped before it could put it back)")
 
 
+def unstage_index(repo: Path, echo=print) -> None:
+    """Unstage what the git index holds, keeping every file as it is in the workspace.
+
+    `dvc exp run` in the workspace stages params.yaml, the dvc.lock files and metric files while it
+    runs and unstages them when it ends; one that is killed leaves them staged, the next one then
+    fails ("Stash apply resulted in merge conflicts") and the staged params.yaml would change
+    workspace_key. `dvc exp run` unstages whatever it finds anyway, so nothing is lost here.
+    """
+    staged = _git(["diff", "--cached", "--name-only", "-z"], repo).split("\0")
+    staged = [p for p in staged if p]
+    if staged:
+        _git(["reset", "-q", "--", "."], repo)
+        shown = ", ".join(staged[:4]) + (f" and {len(staged) - 4} more" if len(staged) > 4 else "")
+        echo(f"git index: unstaged {shown} (left staged by a stopped `dvc exp run`, or by you; the files keep their contents)")
+
+
 def run_set(
     path: Path, out: Path, repo: Path = Path("."), *, seeds: int | None = None, extra: dict[str, Any] | None = None,
     fresh: bool = False, dry_run: bool = False, workspace: bool = False, command: str = "", only: Sequence[str] = (), echo=print,
@@ -375,6 +392,8 @@ def run_set(
     name = set_name(path)
     if not dry_run:  # either mode: a stopped workspace-mode set left a run's overrides in params.yaml
         restore_interrupted_base(repo, echo)
+    if workspace and not dry_run:
+        unstage_index(repo, echo)
     params_text = (repo / "params.yaml").read_text()
     base_seed = YAML(typ="safe").load(params_text).get("seed", 0)
     runs = plan_runs(spec, name, base_seed, seeds, extra, only)

@@ -238,6 +238,29 @@ def test_restore_interrupted_base_puts_back_the_params_a_stopped_workspace_set_s
     assert not (tmp_path / WORKSPACE_BASE).exists() and "restored" in lines[0]
 
 
+def test_unstage_index_leaves_what_a_killed_dvc_exp_run_staged_unstaged_and_the_files_as_they_are(tmp_path):
+    from molar.experiments import unstage_index
+
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "config", "user.email", "t@t.invalid")
+    _git(tmp_path, "config", "user.name", "t")
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "x")
+    key = workspace_key(tmp_path)
+    lines: list[str] = []
+    unstage_index(tmp_path, lines.append)
+    assert lines == []  # nothing staged: nothing said
+    (tmp_path / "params.yaml").write_text("seed: 9\n")  # a run's overrides, staged by dvc exp run, then kill -9
+    _git(tmp_path, "add", "params.yaml")
+    (tmp_path / "params.yaml").write_text("seed: 1\n")  # put back by restore_interrupted_base
+    assert workspace_key(tmp_path) != key  # the staged copy would make every done run look stale
+    unstage_index(tmp_path, lines.append)
+    staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert staged == "" and (tmp_path / "params.yaml").read_text() == "seed: 1\n"
+    assert workspace_key(tmp_path) == key and "params.yaml" in lines[0]
+
+
 def test_a_collected_run_keeps_only_the_metric_files_it_made(tmp_path: Path) -> None:
     # eval.models [popularity, molar]: Molar aligned to gru4rec, so gru4rec trained; the rest is baseline carry-over
     (tmp_path / "params.yaml").write_text("eval:\n  models: [popularity, molar]\nalign:\n  id_model: gru4rec\n")
