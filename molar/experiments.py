@@ -369,8 +369,10 @@ def unstage_index(repo: Path, echo=print) -> None:
     fails ("Stash apply resulted in merge conflicts") and the staged params.yaml would change
     workspace_key. `dvc exp run` unstages whatever it finds anyway, so nothing is lost here.
     """
-    staged = _git(["diff", "--cached", "--name-only", "-z"], repo).split("\0")
-    staged = [p for p in staged if p]
+    proc = subprocess.run(["git", "diff", "--cached", "--name-only", "-z"], cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:  # not a git repository (yet): workspace_key says so, with the fix
+        return
+    staged = [p for p in proc.stdout.split("\0") if p]
     if staged:
         _git(["reset", "-q", "--", "."], repo)
         shown = ", ".join(staged[:4]) + (f" and {len(staged) - 4} more" if len(staged) > 4 else "")

@@ -97,7 +97,9 @@ def test_workspace_mode_keeps_training_between_runs_and_puts_params_back(tmp_pat
     # .dvc/tmp and the run's overrides in params.yaml; the next start restores the base first
     (work / WORKSPACE_BASE).write_text(params)
     (work / "params.yaml").write_text(params.replace("seed: 42", "seed: 7", 1))
+    run(["git", "add", "params.yaml"], work, env)  # as the killed `dvc exp run` leaves it: staged
     again = run(molar, work, env)
     assert "params.yaml: restored from" in again, again
+    assert "git index: unstaged params.yaml" in again, again
     assert again.count(": done (") == 2, again  # the restored params are the set's: both runs still done
     assert (work / "params.yaml").read_text() == params
