@@ -70,7 +70,6 @@ def test_table2_is_one_run_of_nine_models_and_fusion_shares_the_default_run():
     assert [r.name for r in fusion] == ["fusion-sasrec", "fusion-no-id", "fusion-early"]
 
 
-
 def test_table2_rows_is_table2_in_five_runs_that_change_only_which_models_train():
     table2, rows = (load_set(REPO / f"experiments/{n}.yaml") for n in ("table2", "table2-rows"))
     assert [(r.name, r.label, r.model) for r in rows.rows] == [(r.name, r.label, r.model) for r in table2.rows]
@@ -78,6 +77,7 @@ def test_table2_rows_is_table2_in_five_runs_that_change_only_which_models_train(
     assert [r.rows for r in runs] == [["popularity", "sasrec", "molar"], ["fpmc"], ["gru4rec"], ["duorec"],
                                       ["sasrec-text", "sasrec-image", "sasrec-text-image"]]
     assert all(set(r.overrides) == {"eval.models"} for r in runs)  # every model trains as in table2's one run
+    assert set().union(*(r.overrides["eval.models"] for r in runs)) == set(table2.set["eval.models"])
 
 
 # ----------------------------------------------------------------------------- planning
