@@ -143,6 +143,8 @@ def item_content_tables(backbone: Backbone, mirm, source: str, items: pl.DataFra
     text = make_encoder(backbone, mirm.model_copy(update={"modalities": ["text"]}), source)
     tables = {"text": embed_catalog(backbone, text, items, mirm.embed_batch_size)}
     if not backbone.supports_images:
+        if getattr(backbone.model.config, "image_feature_dim", None):  # opened without its image encoder
+            return tables, f"mirm.backbone {mirm.backbone} reads image features, but mirm.image_encoder is not set"
         return tables, f"mirm.backbone {mirm.backbone} has no image side"
     if items["image_path"].is_null().all():
         return tables, "no item has an image"

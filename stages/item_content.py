@@ -30,9 +30,18 @@ from stages.train_mirm import MIRM_DIR
 RECORD = METRICS / "item-content.json"
 
 
+def image_side(kind: str, image_encoder: str | None) -> tuple[str, ...]:
+    """The modalities to open the MIRM checkpoint with: images too wherever it can read them, whatever
+    ``mirm.modalities`` (the content SASRecs' image table does not depend on how MIRM was trained). A
+    checkpoint over frozen image features (``kind`` ``image-features``) reads them through ``mirm.image_encoder``."""
+    if kind == "qwen2-vl" or (kind == "image-features" and image_encoder is not None):
+        return ("text", "image")
+    return ("text",)
+
+
 def main(params: Path = PARAMS_OPTION) -> None:
     # torch/transformers load here, not at import: `molar --help` stays fast
-    from molar.backbones import load_backbone
+    from molar.backbones import checkpoint_kind, load_backbone
     from molar.embed_cache import checkpoint_key, item_content_tables
     from molar.item_content import ITEM_CONTENT, save_item_content
     from molar.train import process_state
@@ -43,13 +52,17 @@ def main(params: Path = PARAMS_OPTION) -> None:
     threads, mirm, state = use_threads(cfg), cfg.mirm, process_state()
     with user_errors():
         items = pl.read_parquet(require_input(PROCESSED / "items.parquet", "split")).sort("item_idx")  # row i: item i
+        mirm_dir = require_input(MIRM_DIR, "train-mirm")
         backbone = load_backbone(
-            require_input(MIRM_DIR, "train-mirm"),
+            mirm_dir,
+            modalities=image_side(checkpoint_kind(mirm_dir), mirm.image_encoder),
             dtype=mirm.dtype,
             device=state.device,
             image_min_pixels=mirm.image_min_pixels,
             image_max_pixels=mirm.image_max_pixels,
             trust_remote_code=mirm.trust_remote_code,
+            image_encoder=mirm.image_encoder,
+            image_tokens=mirm.image_tokens,
         )
         tables, why_no_image = item_content_tables(backbone, mirm, cfg.data.source, items)
     if not state.is_main_process:  # a multi-process run: one process writes the outputs

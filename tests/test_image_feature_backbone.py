@@ -434,6 +434,30 @@ def test_train_mirm_stage_with_a_feature_backbone(checkpoint, tmp_path, monkeypa
     assert list((tmp_path / "cache" / "image-features").iterdir())  # features cached under MOLAR_CACHE
 
 
+def test_item_content_stage_with_a_feature_backbone(checkpoint, tmp_path, monkeypatch, images):
+    """The content SASRecs' image table comes from mirm.image_encoder, even for a MIRM trained on text only
+    (the stage once opened the checkpoint without its encoder and wrote text alone)."""
+    from test_mirm import stage_fixture
+
+    from molar.item_content import ITEM_CONTENT, read_item_content
+    from stages import item_content, train_mirm
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOLAR_CACHE", str(tmp_path / "cache"))
+    params = (f"mirm:\n  backbone: {checkpoint}\n  image_encoder: {POOLED_PIXELS}\n  image_tokens: {TOKENS}\n"
+              "  modalities: [text]\n  finetune: none\n")
+    rows = stage_fixture(tmp_path, images_dir(tmp_path, images), params)
+    train_mirm.main(Path("params.yaml"))
+    item_content.main(Path("params.yaml"))
+    record = json.loads(item_content.RECORD.read_text())
+    assert (record["items_with_image"], record["items_without_image"], record["why_no_image"]) == (3, 1, None)
+    width = PooledPixels().dim
+    assert record["widths"] == {"text": 32, "image": width}
+    image = read_item_content(ITEM_CONTENT, ["image"], 4)
+    has_image = torch.tensor([False] + [row.image_path is not None for row in rows])
+    assert image.shape == (5, width) and image[has_image].abs().sum(1).gt(0).all() and (image[~has_image] == 0).all()
+
+
 def test_train_molar_end_to_end_with_a_feature_backbone(checkpoint, tmp_path, monkeypatch):
     """ingest -> split -> train-mirm -> train-id -> train-molar with train.mirm_trainable: gradients reach MIRM
     (its refreshed item table moves off the cached one); DUEG (from the base backbone) saves and loads as a Llama."""
