@@ -248,6 +248,7 @@ class TrainParams(Section):
     lr: float = Field(1e-4, gt=0.0)
     mirm_lr: float = Field(1e-5, gt=0.0)
     item_id_lr_scale: float = Field(1.0, gt=0.0)
+    item_adapter_lr_scale: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1)

@@ -150,3 +150,24 @@ def test_dueg_whitening_uses_the_decoders_token_embedding_scale() -> None:
     dueg = Dueg(decoder, 32, item_adapter="whiten", catalog=catalog)
     assert torch.allclose(dueg.project_items(catalog).std(0), torch.full((32,), 0.25), rtol=1e-3)
 
+
+def test_item_adapter_trains_at_its_own_lr_and_the_rest_at_train_lr() -> None:
+    from molar.config import TrainParams
+    from molar.recipes.molar import param_groups
+
+    class Stand(torch.nn.Module):  # what param_groups reads of a MolarModel
+        def __init__(self) -> None:
+            super().__init__()
+            catalog = torch.randn(9, 16)
+            self.items, self.item_ids = torch.nn.Identity(), None
+            self.dueg = Dueg(tiny_decoder("llama"), item_dim=16, item_adapter="mlp", catalog=catalog)
+            self.align_head = torch.nn.Linear(32, 8)
+
+    model = Stand()
+    rest, adapter = param_groups(model, TrainParams(lr=2e-4, item_adapter_lr_scale=10.0))
+    assert {id(p) for p in adapter["params"]} == {id(p) for p in model.dueg.item_proj.parameters()}
+    assert len(adapter["params"]) == 6  # the learned linear map and the MLP's up and down (weights, biases)
+    assert adapter["lr"] == pytest.approx(2e-3)
+    assert {id(p) for p in rest["params"]} == {id(p) for p in model.parameters()} - {id(p) for p in adapter["params"]}
+    assert id(model.dueg.user_token) in {id(p) for p in rest["params"]} and "lr" not in rest
+    assert param_groups(model, TrainParams(lr=2e-4, item_adapter_lr_scale=1.0)) is None

@@ -238,3 +238,16 @@ def test_train_molar_learns_a_deterministic_next_item_rule(kind: str, alpha: flo
     metrics = evaluate_scorer(load_scorer(model), histories, targets, 30, ks=(1, 10), progress=False)
     assert metrics["recall@1"] >= 0.9, (chance, metrics)
     assert chance < 0.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_item_adapter_lr_covers_the_input_and_candidate_adapters(kind: str) -> None:
+    from molar.recipes.molar import param_groups
+
+    model = molar_of(kind)
+    dueg = model.dueg
+    adapters = [dueg.item_proj] + ([] if dueg.candidate_proj is None else [dueg.candidate_proj])
+    expected = {id(p) for adapter in adapters for p in adapter.parameters()}
+    rest, adapter = param_groups(model, TrainParams(lr=1e-3, item_adapter_lr_scale=3.0))
+    assert expected and {id(p) for p in adapter["params"]} == expected and adapter["lr"] == pytest.approx(3e-3)
+    assert {id(p) for p in dueg.encoder.parameters()} <= {id(p) for p in rest["params"]}

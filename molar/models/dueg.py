@@ -114,6 +114,10 @@ class Dueg(nn.Module):
         """The items being scored: the same map as the inputs (one item space, as SASRec's shared table)."""
         return self.item_proj(item_vectors)
 
+    def item_adapter_parameters(self) -> list[nn.Parameter]:
+        """The item adapter's learned weights (``train.item_adapter_lr_scale`` sets their lr)."""
+        return list(self.item_proj.parameters())
+
     def forward(self, item_inputs: torch.Tensor, real: torch.Tensor, user_columns: torch.Tensor) -> torch.Tensor:
         """User vectors [B, U, hidden]: the final state of a ``[User]`` after each of ``user_columns``.
 

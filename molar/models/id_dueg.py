@@ -111,6 +111,11 @@ class IdDueg(nn.Module):
         when the ID model ties its input and output tables, else its own learned map)."""
         return self.item_proj(item_vectors) if self.candidate_proj is None else self.candidate_proj(item_vectors)
 
+    def item_adapter_parameters(self) -> list[nn.Parameter]:
+        """The item adapters' learned weights, inputs' and candidates' (``train.item_adapter_lr_scale``)."""
+        adapters = [self.item_proj] + ([] if self.candidate_proj is None else [self.candidate_proj])
+        return [p for adapter in adapters for p in adapter.parameters()]
+
     def forward(self, item_inputs: torch.Tensor, real: torch.Tensor, user_columns: torch.Tensor) -> torch.Tensor:
         """User vectors [B, U, hidden_size]: the encoder's output after each of ``user_columns``.
 

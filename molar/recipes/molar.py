@@ -59,12 +59,18 @@ def param_groups(model: MolarModel, t) -> list[dict] | None:  # t: molar.config.
     - With early ID fusion the ID table trains at ``train.lr x train.item_id_lr_scale``: it starts at 2% of
       the content's scale (ItemIdEmbedding), and an LLM user model's lr is a tenth of what an ID model's
       own table trains at (SASRec-CE on ML-1M: 3e-3), so at 1 the ID vectors may stay small.
-    The rest (DUEG, item adapter, alignment head) trains at ``train.lr``."""
+    - The item adapter's learned maps (``dueg.item_adapter``) train at ``train.lr x train.item_adapter_lr_scale``:
+      over cached items they are all that places items, and an ID model places its items at ~10x an LLM's lr.
+    The rest (DUEG, alignment head) trains at ``train.lr``."""
     own: list[tuple[list[nn.Parameter], float]] = []
     if isinstance(model.items, MirmItems):
         own.append((list(model.items.mirm.parameters()), t.mirm_lr))
     if model.item_ids is not None and t.item_id_lr_scale != 1.0:
         own.append((list(model.item_ids.parameters()), t.lr * t.item_id_lr_scale))
+    if t.item_adapter_lr_scale != 1.0:
+        adapters = [p for p in model.dueg.item_adapter_parameters() if p.requires_grad]
+        if adapters:
+            own.append((adapters, t.lr * t.item_adapter_lr_scale))
     if not own:
         return None
     taken = {id(p) for params, _ in own for p in params}
