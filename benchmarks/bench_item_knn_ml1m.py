@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from benchmarks.ml1m import load_split
-    from molar.backbones import load_backbone
+    from molar.backbones import load_backbone, mirm_load_options
     from molar.config import load_params
     from molar.embed_cache import checkpoint_key
     from molar.io import write_json
@@ -309,8 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
     chance = random_pair_rate(genres)
     rows["random pairs (chance)"] = {**chance, "items": items.height}
-    load = {"modalities": mirm.modalities, "image_encoder": mirm.image_encoder, "image_tokens": mirm.image_tokens,
-            "image_min_pixels": mirm.image_min_pixels, "image_max_pixels": mirm.image_max_pixels}
+    load = dict(modalities=mirm.modalities, **mirm_load_options(mirm))
     base = load_backbone(BACKBONE, dtype="float32", **load)
     base_key = checkpoint_key(base.directory)
     add("random vectors (floor)", torch.randn(items.height, base.hidden_size, generator=torch.Generator().manual_seed(params.seed)), items)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from molar.backbones import load_backbone
+    from molar.backbones import load_backbone, mirm_load_options
     from molar.config import MirmParams
     from molar.models.mirm import backbone_corpus, chunk_batches, embed_items, item_chunks, item_texts, make_encoder
 
@@ -78,10 +78,7 @@ def run(args: argparse.Namespace) -> dict:
         modalities=modalities,
         dtype=args.dtype,
         device=args.device,
-        image_min_pixels=mirm.image_min_pixels,
-        image_max_pixels=mirm.image_max_pixels,
-        image_encoder=mirm.image_encoder,
-        image_tokens=mirm.image_tokens,
+        **mirm_load_options(mirm),
     )
     encoder = make_encoder(backbone, mirm, "movielens", image_root="/")
     texts = item_texts(items)

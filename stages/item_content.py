@@ -41,7 +41,7 @@ def image_side(kind: str, image_encoder: str | None) -> tuple[str, ...]:
 
 def main(params: Path = PARAMS_OPTION) -> None:
     # torch/transformers load here, not at import: `molar --help` stays fast
-    from molar.backbones import checkpoint_kind, load_backbone
+    from molar.backbones import checkpoint_kind, load_backbone, mirm_load_options
     from molar.embed_cache import checkpoint_key, item_content_tables
     from molar.item_content import ITEM_CONTENT, save_item_content
     from molar.train import process_state
@@ -58,11 +58,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
             modalities=image_side(checkpoint_kind(mirm_dir), mirm.image_encoder),
             dtype=mirm.dtype,
             device=state.device,
-            image_min_pixels=mirm.image_min_pixels,
-            image_max_pixels=mirm.image_max_pixels,
-            trust_remote_code=mirm.trust_remote_code,
-            image_encoder=mirm.image_encoder,
-            image_tokens=mirm.image_tokens,
+            **mirm_load_options(mirm),
         )
         tables, why_no_image = item_content_tables(backbone, mirm, cfg.data.source, items)
     if not state.is_main_process:  # a multi-process run: one process writes the outputs

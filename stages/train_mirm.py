@@ -28,7 +28,7 @@ RECORD = METRICS / "mirm.json"
 
 def main(params: Path = PARAMS_OPTION) -> None:
     # torch/transformers load here, not at import: `molar --help` stays fast
-    from molar.backbones import DTYPES, load_backbone
+    from molar.backbones import DTYPES, load_backbone, mirm_load_options
     from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
     from molar.models.mirm import backbone_corpus, input_report, make_encoder
     from molar.recipes.mirm import finetune
@@ -47,15 +47,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
             for warning in inputs["warnings"]:
                 typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
         training = mirm.finetune != "none"
-        load = dict(
-            corpus=backbone_corpus(items),
-            modalities=mirm.modalities,
-            image_min_pixels=mirm.image_min_pixels,
-            image_max_pixels=mirm.image_max_pixels,
-            trust_remote_code=mirm.trust_remote_code,
-            image_encoder=mirm.image_encoder,
-            image_tokens=mirm.image_tokens,
-        )
+        load = dict(corpus=backbone_corpus(items), modalities=mirm.modalities, **mirm_load_options(mirm))
         with state.main_process_first():  # the first process builds/converts a preset; the others reuse it
             # Training keeps float32 master weights (bf16/fp16 become mixed precision in the loop).
             backbone = load_backbone(mirm.backbone, dtype="float32" if training else mirm.dtype, **load)

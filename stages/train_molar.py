@@ -44,7 +44,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
     import polars as pl
     import torch
 
-    from molar.backbones import load_backbone
+    from molar.backbones import load_backbone, mirm_load_options
     from molar.data.split import load_split
     from molar.embed_cache import cached_catalog_embeddings, checkpoint_key
     from molar.models import molar as M
@@ -68,9 +68,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         id_model = load_id_model(id_dir)
         if not (MIRM_DIR / "config.json").exists():
             raise MissingInputError(f"{MIRM_DIR}: no MIRM checkpoint; run `molar train-mirm` first")
-        load = dict(modalities=mirm.modalities, image_min_pixels=mirm.image_min_pixels,
-                    image_max_pixels=mirm.image_max_pixels, trust_remote_code=mirm.trust_remote_code,
-                    image_encoder=mirm.image_encoder, image_tokens=mirm.image_tokens)
+        load = dict(modalities=mirm.modalities, **mirm_load_options(mirm))
         # end to end, MIRM trains in float32 master weights (mixed precision comes from the loop)
         mirm_bb = load_backbone(MIRM_DIR, dtype="float32" if t.mirm_trainable else mirm.dtype, **load)
         encoder = make_encoder(mirm_bb, mirm, cfg.data.source)

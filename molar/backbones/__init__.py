@@ -202,6 +202,18 @@ def checkpoint_kind(directory: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------- loading
+def mirm_load_options(mirm) -> dict:  # mirm: molar.config.MirmParams
+    """The ``load_backbone`` keywords the ``mirm`` params section sets, the same for every stage that opens
+    MIRM or its backbone (which modalities, dtype and device are each stage's own choice)."""
+    return dict(
+        image_min_pixels=mirm.image_min_pixels,
+        image_max_pixels=mirm.image_max_pixels,
+        trust_remote_code=mirm.trust_remote_code,
+        image_encoder=mirm.image_encoder,
+        image_tokens=mirm.image_tokens,
+    )
+
+
 def load_backbone(
     name_or_path: str | Path,
     *,
