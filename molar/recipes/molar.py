@@ -68,8 +68,8 @@ def param_groups(model: MolarModel, t) -> list[dict] | None:  # t: molar.config.
     if model.item_ids is not None and t.item_id_lr_scale != 1.0:
         own.append((list(model.item_ids.parameters()), t.lr * t.item_id_lr_scale))
     if t.item_adapter_lr_scale != 1.0:
-        adapters = [p for p in model.dueg.item_adapter_parameters() if p.requires_grad]
-        if adapters:
+        adapters = model.dueg.item_adapter_parameters()
+        if adapters:  # none when the adapter is the identity (dueg.item_adapter auto, equal widths)
             own.append((adapters, t.lr * t.item_adapter_lr_scale))
     if not own:
         return None
